@@ -1,0 +1,32 @@
+"""The one exportable module: uint8 NHWC RGB in, the model contract's fixed-size tensors out."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model_export.postprocess import SSDPostprocess
+from model_export.spec import PostprocessOptions, SSDModel
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("num_detections", "boxes", "scores", "classes")
+
+
+class ExportableSSD(nn.Module):
+    """normalise -> backbone + heads -> decode -> filter -> NMS -> top K, all in one graph."""
+
+    def __init__(self, model: SSDModel, options: PostprocessOptions) -> None:
+        super().__init__()
+        self.network = model.network.eval()
+        mean = torch.tensor(model.mean, dtype=torch.float32).reshape(1, 3, 1, 1)
+        std = torch.tensor(model.std, dtype=torch.float32).reshape(1, 3, 1, 1)
+        # (x - mean) / std folded into one multiply-add.
+        self.register_buffer("scale", 1.0 / std, persistent=False)
+        self.register_buffer("shift", -mean / std, persistent=False)
+        self.postprocess = SSDPostprocess(model, options)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2).to(torch.float32)  # [B, 3, H, W]
+        x = x * self.scale + self.shift
+        regression, logits = self.network(x)  # [B, N, 4], [B, N, C]
+        return self.postprocess(regression, logits)

@@ -1,0 +1,93 @@
+"""ExportableSSD -> one self-describing ONNX file (dynamic batch, standard NonMaxSuppression, checker-clean)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+import torch
+
+from model_export.errors import ExportError
+from model_export.exportable import INPUT_NAME, OUTPUT_NAMES, ExportableSSD
+from model_export.metadata import METADATA_KEY, ModelMetadata, sidecar_path
+from model_export.spec import PostprocessOptions, SSDModel
+
+DEFAULT_OPSET = 17
+
+
+def describe(model: SSDModel, options: PostprocessOptions, opset: int) -> ModelMetadata:
+    return ModelMetadata(
+        model=model.name,
+        input_size=model.input_size,
+        labels=model.labels,
+        score_threshold=options.score_threshold,
+        iou_threshold=options.iou_threshold,
+        candidates_per_class=options.candidates_per_class,
+        max_detections=options.max_detections,
+        score_activation=model.score_activation,
+        weights_source=model.weights_source,
+        weights_sha256=model.weights_sha256,
+        opset=opset,
+        extra=dict(model.extra_metadata),
+    )
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ExportError(f"cannot write to {path}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_onnx(
+    model: SSDModel, options: PostprocessOptions, out: Path, opset: int = DEFAULT_OPSET
+) -> ModelMetadata:
+    """Trace the exportable module to `out`, embed its description, check it, and write the sidecar."""
+    if opset < 17:
+        raise ExportError(f"opset {opset} is too old: the contract needs opset 17 or later")
+    module = ExportableSSD(model, options).eval()
+    height, width = model.input_size
+    example = torch.zeros((2, height, width, 3), dtype=torch.uint8)
+    metadata = describe(model, options, opset)
+    dynamic = {INPUT_NAME: {0: "batch"}} | {name: {0: "batch"} for name in OUTPUT_NAMES}
+
+    with atomic_output(out) as tmp, warnings.catch_warnings():
+        # The TorchScript-based exporter is the one that carries custom symbolics (our NonMaxSuppression).
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        with torch.no_grad():
+            torch.onnx.export(
+                module,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes=dynamic,
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp))
+        proto.doc_string = f"ssd-serve export of {model.name}"
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, metadata.to_json()
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(tmp))
+        with atomic_output(sidecar_path(out)) as side:
+            side.write_text(metadata.to_json() + "\n")
+    return metadata
