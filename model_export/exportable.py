@@ -8,9 +8,6 @@ from torch import nn
 from model_export.postprocess import SSDPostprocess
 from model_export.spec import PostprocessOptions, SSDModel
 
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("num_detections", "boxes", "scores", "classes")
-
 
 class ExportableSSD(nn.Module):
     """normalise -> backbone + heads -> decode -> filter -> NMS -> top K, all in one graph."""

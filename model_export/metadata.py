@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 METADATA_KEY = "ssd_serve"
+# The contract's tensor names (DESIGN.md).
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("num_detections", "boxes", "scores", "classes")
 FORMAT_VERSION = 1
 
 

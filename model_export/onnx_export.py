@@ -13,8 +13,8 @@ import onnx
 import torch
 
 from model_export.errors import ExportError
-from model_export.exportable import INPUT_NAME, OUTPUT_NAMES, ExportableSSD
-from model_export.metadata import METADATA_KEY, ModelMetadata, sidecar_path
+from model_export.exportable import ExportableSSD
+from model_export.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ModelMetadata, sidecar_path
 from model_export.spec import PostprocessOptions, SSDModel
 
 DEFAULT_OPSET = 17
