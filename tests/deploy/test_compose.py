@@ -1,0 +1,110 @@
+"""docker-compose.yml (GPU) and docker-compose.cpu.yml (CPU override) are valid and wired as documented.
+
+`docker-compose config` (Debian's docker-compose v1, no engine needed) validates and merges the files; the
+structure checks read its merged output.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from _deploy_helpers import REPO, require_tool
+
+GPU = ["-f", "docker-compose.yml"]
+CPU = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"]
+
+
+def compose_config(files: list[str], **variables: str) -> str:
+    return _compose_config(tuple(files), tuple(sorted(variables.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _compose_config(files: tuple[str, ...], variables: tuple[tuple[str, str], ...]) -> str:
+    tool = require_tool("docker-compose")
+    # Only the given variables: a developer's SSD_*, WEIGHTS_MIRROR or COMPOSE_* must not change the result.
+    env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "LC_ALL") if key in os.environ}
+    env.update(variables)
+    result = subprocess.run(
+        [tool, *files, "config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"docker-compose {' '.join(files)} config failed:\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.mark.parametrize("files", [GPU, CPU], ids=["gpu", "cpu"])
+def test_compose_config_is_valid(files: list[str]) -> None:
+    compose_config(files)
+
+
+def _services(files: list[str], **variables: str) -> dict:
+    yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the merged compose file")
+    return yaml.safe_load(compose_config(files, **variables))["services"]
+
+
+def _started(services: dict) -> dict:
+    """The services `docker compose up` starts: those without a profile."""
+    return {name: service for name, service in services.items() if not service.get("profiles")}
+
+
+def _image_is_pinned(image: str) -> bool:
+    name, _, tag = image.rpartition(":")
+    return "@sha256:" in image or (bool(name) and "/" not in tag and tag not in ("", "latest"))
+
+
+def test_gpu_stack() -> None:
+    services = _started(_services(GPU))
+    assert set(services) == {"server", "prometheus", "grafana"}
+    server = services["server"]
+    assert server["build"]["dockerfile"] == "docker/Dockerfile"
+    devices = server["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    env = server["environment"]
+    assert env["SSD_HOST"] == "0.0.0.0"
+    assert env["SSD_ENGINE"] == "tensorrt"
+    assert any(str(v).startswith("model-cache:/cache") for v in server["volumes"]), server["volumes"]
+    for name in ("prometheus", "grafana"):
+        assert _image_is_pinned(services[name]["image"]), services[name]["image"]
+
+
+def test_cpu_stack_has_no_gpu_and_keeps_the_server_name() -> None:
+    services = _started(_services(CPU))
+    assert set(services) == {"server-cpu", "prometheus", "grafana"}
+    for name, service in services.items():
+        assert "devices" not in str(service.get("deploy", {})), f"{name} still reserves a device"
+    server = services["server-cpu"]
+    assert server["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert server["environment"]["SSD_ENGINE"] == "onnxruntime"
+    assert server["environment"]["SSD_DEVICE"] == "cpu"
+    assert server["environment"]["SSD_HOST"] == "0.0.0.0"
+    # Prometheus scrapes server:8000 in both variants.
+    assert "server" in server["networks"]["default"]["aliases"]
+    assert any(str(v).startswith("model-cache:/cache") for v in server["volumes"]), server["volumes"]
+
+
+def test_monitoring_mounts_the_repository_configuration() -> None:
+    services = _services(GPU)
+    prometheus_volumes = " ".join(map(str, services["prometheus"]["volumes"]))
+    assert re.search(r"docker/prometheus:/etc/prometheus:ro", prometheus_volumes)
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+    grafana_volumes = " ".join(map(str, services["grafana"]["volumes"]))
+    for inside in ("/etc/grafana/provisioning/datasources", "/etc/grafana/provisioning/dashboards",
+                   "/var/lib/grafana/dashboards"):
+        assert inside in grafana_volumes
+    assert "server:8000" in (REPO / "docker" / "prometheus" / "prometheus.yml").read_text()
+
+
+@pytest.mark.parametrize(("files", "service"), [(GPU, "server"), (CPU, "server-cpu")], ids=["gpu", "cpu"])
+def test_weights_mirror_from_a_host_directory(files: list[str], service: str, tmp_path: Path) -> None:
+    default = _started(_services(files))[service]
+    assert not default["environment"].get("WEIGHTS_MIRROR"), "no mirror unless asked for: download by default"
+    mirror = str(tmp_path)
+    server = _started(_services(files, WEIGHTS_MIRROR=mirror))[service]
+    assert server["environment"]["WEIGHTS_MIRROR"] == mirror  # the entrypoint then reads /weights-mirror
+    assert f"{mirror}:/weights-mirror:ro" in [str(v) for v in server["volumes"]]
+    assert "SSD_WEIGHTS_MIRROR" not in server["environment"], "a host path must not reach the container's settings"
