@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,13 +40,12 @@ def describe(model: SSDModel, options: PostprocessOptions, opset: int) -> ModelM
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp.touch(exist_ok=False)  # created with the usual permissions, unlike mkstemp's 0600
     except OSError as exc:
         raise ExportError(f"cannot write to {path}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, path)
