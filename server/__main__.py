@@ -1,0 +1,94 @@
+"""`python -m server` / `ssd-serve`: settings from flags and SSD_* variables, then uvicorn.
+
+Every setting has a flag (`--max-batch-size 16`) and a variable (`SSD_MAX_BATCH_SIZE=16`); a flag wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+
+from pydantic import ValidationError
+
+from server.settings import Settings
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ssd-serve",
+        description="Serve an exported SSD detector over HTTP (POST /detect). "
+        "Each flag also reads from the SSD_<NAME> environment variable.",
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"SSD_{name.upper()}"
+        default = field.default
+        help_text = f"{field.description} (env {env}; default {default})"
+        if _is_bool(field.annotation):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def _is_bool(annotation: object) -> bool:
+    if annotation is bool:
+        return True
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return bool in typing.get_args(annotation)
+    return False
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    args = build_parser().parse_args(argv)
+    overrides = {name: value for name, value in vars(args).items() if value is not None}
+    return Settings(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            print(f"error: {where}: {error['msg']}", file=sys.stderr)
+        return 2
+
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    import uvicorn
+
+    from server.app import create_app
+
+    failure: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_failure(reason: str) -> None:
+        failure.append(reason)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_load_failure=on_load_failure)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # our basicConfig above formats uvicorn's records too
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if failure:
+        logging.getLogger("server").error("exiting: the model could not be loaded: %s", failure[0])
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

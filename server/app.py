@@ -1,0 +1,237 @@
+"""The FastAPI app: `create_app(settings)`; routes stay thin, the work is in `server.pipeline`.
+
+The lifespan starts loading in the background (export on first start, engine load, warm-up, batcher), so
+/healthz answers at once and /readyz turns 200 when the model can serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server import uploads
+from server.engines.base import Engine
+from server.errors import ServerError, install_error_handlers
+from server.metrics import Metrics
+from server.pipeline import Pipeline
+from server.schemas import BatchResponse, DetectResponse, ErrorResponse, Health, ModelInfo, Readiness
+from server.settings import Settings
+
+logger = logging.getLogger("server.app")
+
+ENDPOINTS = frozenset({"/detect", "/detect/batch", "/metrics", "/healthz", "/readyz", "/v1/model"})
+DETECT_ENDPOINTS = frozenset({"/detect", "/detect/batch"})
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "application/octet-stream")
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+DETECT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["image"], "properties": {"image": _BINARY["schema"]}}
+            },
+            **{media: _BINARY for media in IMAGE_TYPES},
+        },
+    }
+}
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {"images": {"type": "array", "items": _BINARY["schema"]}},
+                }
+            }
+        },
+    }
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "empty body, not an image, truncated or corrupt image",
+        413: "body or image too large",
+        415: "unsupported content type",
+        422: "missing field or bad query parameter",
+        503: "queue full (Retry-After) or model not ready",
+        504: "waited too long in the queue",
+    }.items()
+}
+
+ScoreThreshold = Query(None, ge=0.0, le=1.0, description="keep detections scoring at least this (default: the model's)")
+MaxDetections = Query(None, ge=1, description="at most this many detections, highest first (default: the model's K)")
+
+
+def _dumps_stdlib(content: Any) -> bytes:
+    return json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+try:  # orjson writes the same JSON ~10x faster (0.04 vs 0.4 ms for 200 detections); optional
+    from orjson import dumps as _dumps
+except ImportError:  # pragma: no cover - depends on the environment
+    _dumps = _dumps_stdlib
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    return Response(_dumps(content), status_code=status_code, media_type="application/json")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    engine_factory: Callable[[], Engine] | None = None,
+    on_load_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The app for `settings`. `engine_factory` replaces the registry's engine (tests); `on_load_failure` is
+    called with the reason if the model cannot be loaded (the CLI uses it to exit)."""
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    pipeline = Pipeline(settings, metrics, engine_factory)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def load() -> None:
+            await pipeline.start()
+            if pipeline.status == "failed" and on_load_failure is not None:
+                on_load_failure(pipeline.error or "unknown error")
+
+        loading = asyncio.create_task(load(), name="load-model")
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await pipeline.stop()
+
+    app = FastAPI(
+        title="ssd-serve",
+        summary="SSD object detection over HTTP with dynamic batching",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.metrics, app.state.pipeline = settings, metrics, pipeline
+    install_error_handlers(app, on_reject=metrics.reject)
+    app.add_middleware(uploads.BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.reject)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every response, 413s included
+
+    @app.post("/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=DETECT_BODY)
+    async def detect(
+        request: Request, score_threshold: float | None = ScoreThreshold, max_detections: int | None = MaxDetections
+    ) -> Response:
+        """Detect objects in one image: multipart field `image`, or the raw body with an image content type."""
+        received_at = time.perf_counter()
+        options = pipeline.options(score_threshold, max_detections)
+        upload = await uploads.single_image(request)
+        return json_response(await pipeline.detect(upload, options, received_at))
+
+    @app.post("/detect/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY)
+    async def detect_batch(
+        request: Request, score_threshold: float | None = ScoreThreshold, max_detections: int | None = MaxDetections
+    ) -> Response:
+        """Several images (multipart parts `images`), one result per image in order; a bad image gets its own
+        error entry `{error, detail, status}` and the others are answered normally."""
+        received_at = time.perf_counter()
+        options = pipeline.options(score_threshold, max_detections)
+        parts = await uploads.batch_images(request, settings.max_images_per_request)
+        outcomes = await asyncio.gather(
+            *(pipeline.detect(part, options, received_at) for part in parts), return_exceptions=True
+        )
+        results = [batch_entry(outcome, metrics) for outcome in outcomes]
+        return json_response({"model": pipeline.ready()[0].model, "results": results})
+
+    @app.get("/v1/model", response_model=ModelInfo, responses={503: ERRORS[503]})
+    async def model_info() -> dict[str, Any]:
+        metadata, _ = pipeline.ready()
+        return {
+            "name": metadata.model,
+            "labels": list(metadata.labels),
+            "input_size": metadata.input_size,
+            "score_threshold": metadata.score_threshold,
+            "iou_threshold": metadata.iou_threshold,
+            "max_detections": metadata.max_detections,
+            "engine": settings.engine,
+            "device": settings.device,
+            "max_batch_size": settings.max_batch_size,
+            "weights_source": metadata.weights_source,
+            "file": str(pipeline.model_path),
+        }
+
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+    async def healthz() -> JSONResponse:
+        """Liveness: the process answers; 503 only when the model failed to load."""
+        failed = pipeline.status == "failed"
+        return JSONResponse({"status": "failed" if failed else "ok"}, status_code=503 if failed else 200)
+
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+    async def readyz() -> JSONResponse:
+        """Readiness: 200 once the model is loaded and warmed up; 503 while loading or after a failure."""
+        ready = pipeline.status == "ready"
+        return JSONResponse(
+            {"status": pipeline.status, "detail": pipeline.error},
+            status_code=200 if ready else 503,
+            headers=None if ready else {"Retry-After": "1"},
+        )
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def batch_entry(outcome: dict[str, Any] | BaseException, metrics: Metrics) -> dict[str, Any]:
+    """A /detect/batch result entry: the detection, or this image's own error (other errors fail the request)."""
+    if isinstance(outcome, ServerError):
+        if outcome.reject_reason is not None:
+            metrics.reject(outcome.reject_reason)
+        return {**outcome.body(), "status": outcome.status}
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+class MetricsMiddleware:
+    """ssd_requests_total{endpoint,code}, ssd_request_duration_seconds{endpoint}, ssd_requests_in_flight."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        in_flight = endpoint in DETECT_ENDPOINTS
+        status = 500
+        started = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        if in_flight:
+            self.metrics.requests_in_flight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            if in_flight:
+                self.metrics.requests_in_flight.dec()
+            self.metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(endpoint=endpoint, code=str(status)).inc()

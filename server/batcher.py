@@ -1,0 +1,254 @@
+"""Dynamic batching: requests queue up; one loop takes a batch and runs it on the engine's own thread.
+
+A batch closes when it holds `max_batch_size` images, or `max_queue_delay_s` after its first request was queued,
+or earlier when the queue is empty and no other request is on its way (being decoded): waiting could not grow it.
+While the engine thread runs a batch the event loop is free, so the next requests decode and queue meanwhile.
+
+Per-item isolation (Triton's execute contract): every pending record has its own future. A full queue refuses
+at `submit` (QueueFull); an image that waited past `request_timeout_s` is answered RequestTimeout when dequeued
+and never reaches the engine; only an engine failure reaches a whole batch (EngineError), and the next batch
+runs normally. A batch that comes back with a different number of results than it had fails loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.engines.base import EngineOutput
+from server.errors import EngineError, NotReady, QueueFull, RequestTimeout
+from server.metrics import Metrics
+
+logger = logging.getLogger("server.batcher")
+
+InferFn = Callable[[np.ndarray], EngineOutput]
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One image's share of a batch's output (views into the batch's arrays)."""
+
+    num_detections: int
+    boxes: np.ndarray  # float32 [K, 4] x1, y1, x2, y2 normalised
+    scores: np.ndarray  # float32 [K]
+    classes: np.ndarray  # int32 [K]
+    queue_s: float  # enqueued -> its batch started
+    inference_s: float  # the batch's engine time
+    batch_size: int
+
+
+@dataclass(eq=False)
+class Pending:
+    """A queued image waiting for its batch."""
+
+    image: np.ndarray  # uint8 [H, W, 3] at the model's input size
+    future: asyncio.Future[ImageResult]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    input_size: tuple[int, int]  # (H, W)
+    max_batch_size: int = 32
+    max_queue_delay_s: float = 0.002
+    max_queue_size: int = 256
+    request_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if self.max_queue_delay_s < 0:
+            raise ValueError("max_queue_delay_s must be >= 0")
+        if self.max_queue_size < 1:
+            raise ValueError("max_queue_size must be at least 1")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be > 0")
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        infer: InferFn,
+        config: BatcherConfig,
+        metrics: Metrics | None = None,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        """`executor`: the engine's single thread, when the caller owns it (loads the engine there too)."""
+        self._infer = infer
+        self.config = config
+        self._metrics = metrics
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=config.max_queue_size)
+        self._incoming = 0  # requests being decoded that will submit soon
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        height, width = config.input_size
+        # Batches are assembled here, on the engine thread: one batch at a time, so one buffer serves them all.
+        self._buffer = np.empty((config.max_batch_size, height, width, 3), dtype=np.uint8)
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        """Stop taking batches; fail whatever still waits; let a running batch finish."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(NotReady("the server is shutting down"))
+        self._set_depth()
+        if self._own_executor:
+            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce a request that will `submit` once decoded, so an open batch waits for it (up to the delay)."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+
+    def submit(self, image: np.ndarray) -> asyncio.Future[ImageResult]:
+        """Queue one image; its future completes with its result or a ServerError. QueueFull when full."""
+        if self._task is None:
+            raise NotReady("the batcher is not running")
+        pending = Pending(image=image, future=asyncio.get_running_loop().create_future())
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            raise QueueFull(f"the queue is full ({self.config.max_queue_size} images waiting); retry shortly") from None
+        self._set_depth()
+        return pending.future
+
+    # ------------------------------------------------------------------------------------------ batching
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._wait_for_batch()
+            if batch:
+                await self._run_batch(batch)
+
+    async def _wait_for_batch(self) -> list[Pending]:
+        """Block for a first image, then gather more until full, the deadline, or nothing more is coming."""
+        batch: list[Pending] = []
+        first = await self._queue.get()
+        self._take(first, batch)
+        deadline = first.enqueued_at + self.config.max_queue_delay_s
+        while len(batch) < self.config.max_batch_size:
+            try:
+                self._take(self._queue.get_nowait(), batch)
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0 or self._incoming == 0 or not batch:
+                break
+            try:
+                pending = await asyncio.wait_for(self._queue.get(), remaining)
+            except asyncio.TimeoutError:  # TimeoutError from Python 3.11
+                break
+            self._take(pending, batch)
+        self._set_depth()
+        return batch
+
+    def _take(self, pending: Pending, batch: list[Pending]) -> None:
+        """Add to the batch unless its client is gone or it waited too long (then answered here, not inferred)."""
+        if pending.future.done():  # cancelled: the client went away
+            return
+        waited = time.perf_counter() - pending.enqueued_at
+        if waited > self.config.request_timeout_s:
+            pending.future.set_exception(
+                RequestTimeout(
+                    f"waited {waited * 1000:.0f} ms in the queue (limit {self.config.request_timeout_s * 1000:.0f} ms)"
+                )
+            )
+            return
+        batch.append(pending)
+
+    async def _run_batch(self, batch: list[Pending]) -> None:
+        started = time.perf_counter()
+        if self._metrics is not None:
+            for pending in batch:
+                self._metrics.queue_wait.observe(started - pending.enqueued_at)
+        loop = asyncio.get_running_loop()
+        try:
+            output = await loop.run_in_executor(self._executor, self._infer_batch, [p.image for p in batch])
+            inference_s = time.perf_counter() - started
+            check_batch_output(output, len(batch))
+        except asyncio.CancelledError:  # stop() while this batch ran: its requests get an answer too
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(NotReady("the server is shutting down"))
+            raise
+        except Exception as exc:
+            logger.exception("engine failed on a batch of %d images", len(batch))
+            error = EngineError(f"inference failed: {type(exc).__name__}: {exc}")
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        if self._metrics is not None:
+            self._metrics.observe_batch(len(batch), inference_s)
+        for i, pending in enumerate(batch):
+            if pending.future.done():
+                continue
+            pending.future.set_result(
+                ImageResult(
+                    num_detections=int(output.num_detections[i]),
+                    boxes=output.boxes[i],
+                    scores=output.scores[i],
+                    classes=output.classes[i],
+                    queue_s=started - pending.enqueued_at,
+                    inference_s=inference_s,
+                    batch_size=len(batch),
+                )
+            )
+
+    def _infer_batch(self, images: list[np.ndarray]) -> EngineOutput:
+        """On the engine thread: copy the images into the batch buffer, run the engine."""
+        batch = self._buffer[: len(images)]
+        for slot, image in zip(batch, images):
+            slot[...] = image
+        return self._infer(batch)
+
+    def _set_depth(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(self._queue.qsize())
+
+
+def check_batch_output(output: EngineOutput, expected: int) -> None:
+    """The engine answered every image of the batch, in the contract's shapes."""
+    sizes = {
+        "num_detections": output.num_detections.shape[0] if output.num_detections.ndim == 1 else -1,
+        "boxes": output.boxes.shape[0] if output.boxes.ndim == 3 and output.boxes.shape[2] == 4 else -1,
+        "scores": output.scores.shape[0] if output.scores.ndim == 2 else -1,
+        "classes": output.classes.shape[0] if output.classes.ndim == 2 else -1,
+    }
+    wrong = {name: size for name, size in sizes.items() if size != expected}
+    if wrong:
+        raise RuntimeError(
+            f"the engine returned results for the wrong number of images (batch of {expected}; "
+            + ", ".join(f"{name}: {size if size >= 0 else 'bad shape'}" for name, size in wrong.items())
+            + ")"
+        )

@@ -1,0 +1,125 @@
+"""PyTorch engine: the same exportable module the ONNX file was traced from, run eagerly in PyTorch.
+
+The ONNX file stays the one artefact: its embedded description names the model source and the weights
+(`model`, `weights_source`, `weights_sha256`, thresholds), and this engine rebuilds the module from them with the
+exporter's own registry (`model_export.models.REGISTRY` + `ExportableSSD`):
+
+- weights "coco": fetched as the exporter fetches them (`SSD_WEIGHTS_MIRROR` works here too);
+- weights "random": the sources' seeded initialisation, identical on every build;
+- a weights file name: looked up beside the model file, then in the working directory and weights/.
+
+When the file records a weights sha256, the rebuilt weights must have the same one; otherwise loading fails.
+CPU or CUDA; `fp16` runs the network under CUDA autocast (float16 convolutions, float32 post-processing).
+Needs the export extra (torch, torchvision, onnx) installed. torch is imported in `load`, never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model_export.metadata import METADATA_KEY, ModelMetadata
+from server.engines.base import EngineOptions, EngineOutput
+
+
+class TorchEngineError(RuntimeError):
+    """The module cannot be rebuilt from the file's description, or the device is not available."""
+
+
+def read_onnx_metadata(path: Path) -> ModelMetadata:
+    import onnx
+
+    if not path.is_file():
+        raise TorchEngineError(f"model file not found: {path}")
+    proto = onnx.load(str(path), load_external_data=False)
+    for entry in proto.metadata_props:
+        if entry.key == METADATA_KEY:
+            return ModelMetadata.from_json(entry.value)
+    raise TorchEngineError(f"{path} carries no {METADATA_KEY!r} metadata: export it with python -m model_export")
+
+
+def weights_argument(metadata: ModelMetadata, model_path: Path) -> str | None:
+    """The exporter's --weights value that reproduces the file's weights."""
+    source = metadata.weights_source
+    if source == "random":
+        return None
+    if source == "coco":
+        return "coco"
+    for folder in (model_path.parent, Path.cwd(), Path("weights")):
+        candidate = folder / source
+        if candidate.is_file():
+            return str(candidate)
+    raise TorchEngineError(
+        f"{model_path} was exported from the weights file {source!r}, which is not beside it, in the working "
+        "directory or in weights/: put it there to run this model with the torch engine"
+    )
+
+
+class TorchEngine:
+    """The Engine protocol over ExportableSSD in eager PyTorch (one batch at a time)."""
+
+    def __init__(self) -> None:
+        self._torch: Any = None
+        self._module: Any = None
+        self._device: Any = None
+        self._fp16 = False
+
+    def load(self, path: Path, options: EngineOptions) -> ModelMetadata:
+        import torch
+
+        from model_export.exportable import ExportableSSD
+        from model_export.models import REGISTRY
+        from model_export.spec import PostprocessOptions
+
+        device = torch.device(options.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TorchEngineError(f"device {options.device!r} asked for, but torch sees no CUDA device")
+        if options.fp16 and device.type != "cuda":
+            raise TorchEngineError("fp16 needs a CUDA device")
+        if options.intra_op_threads > 0:
+            torch.set_num_threads(options.intra_op_threads)
+
+        metadata = read_onnx_metadata(path)
+        source = REGISTRY.get(metadata.model)
+        if source is None:
+            raise TorchEngineError(f"{path} is a {metadata.model!r} model, which this exporter version does not know")
+        weights = weights_argument(metadata, path)
+        model = source.build(weights, None)  # the source's own class count (fixed by COCO weights or a file)
+        if tuple(model.labels) != tuple(metadata.labels) and weights is None:
+            # A random-weight export made with --num-classes: labels[class_id] spans every class, background included.
+            model = source.build(weights, len(metadata.labels))
+        if metadata.weights_sha256 is not None and model.weights_sha256 != metadata.weights_sha256:
+            raise TorchEngineError(
+                f"the rebuilt weights (sha256 {model.weights_sha256}) are not the ones {path} was exported from "
+                f"(sha256 {metadata.weights_sha256})"
+            )
+        if tuple(model.labels) != tuple(metadata.labels) or tuple(model.input_size) != tuple(metadata.input_size):
+            raise TorchEngineError(f"the rebuilt {metadata.model} does not match {path} (labels or input size differ)")
+        postprocess = PostprocessOptions(
+            score_threshold=metadata.score_threshold,
+            iou_threshold=metadata.iou_threshold,
+            candidates_per_class=metadata.candidates_per_class,
+            max_detections=metadata.max_detections,
+        )
+        self._module = ExportableSSD(model, postprocess).eval().to(device)
+        self._torch, self._device, self._fp16 = torch, device, options.fp16
+        return metadata
+
+    def infer(self, images: np.ndarray) -> EngineOutput:
+        if self._module is None:
+            raise RuntimeError("infer() before load()")
+        torch = self._torch
+        batch = torch.from_numpy(images).to(self._device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self._fp16):
+            num_detections, boxes, scores, classes = self._module(batch)
+        return EngineOutput(
+            num_detections=num_detections.to(torch.int32).cpu().numpy(),
+            boxes=boxes.float().cpu().numpy(),
+            scores=scores.float().cpu().numpy(),
+            classes=classes.to(torch.int32).cpu().numpy(),
+        )
+
+    def close(self) -> None:
+        self._module = None

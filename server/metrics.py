@@ -1,0 +1,108 @@
+"""Prometheus metrics, built against an injected CollectorRegistry (one per app; tests read them back).
+
+The names are a contract with docker/prometheus and docker/grafana: do not rename them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# 100 us .. 10 s
+TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+THROUGHPUT_WINDOW_S = 10.0
+
+
+class ThroughputWindow:
+    """Images per second over the last `window_s` seconds (read when Prometheus scrapes)."""
+
+    def __init__(self, window_s: float = THROUGHPUT_WINDOW_S, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+        self.window_s = window_s
+        self._clock = clock
+        self._events: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()  # scrapes run in a worker thread
+
+    def add(self, count: int) -> None:
+        with self._lock:
+            self._events.append((self._clock(), count))
+            self._trim()
+
+    def rate(self) -> float:
+        with self._lock:
+            self._trim()
+            return sum(count for _, count in self._events) / self.window_s
+
+    def _trim(self) -> None:
+        horizon = self._clock() - self.window_s
+        while self._events and self._events[0][0] < horizon:
+            self._events.popleft()
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "ssd_requests", "HTTP requests by endpoint and status code", ["endpoint", "code"], registry=registry
+        )
+        self.request_duration = Histogram(
+            "ssd_request_duration_seconds",
+            "Time from request start to response sent, by endpoint",
+            ["endpoint"],
+            buckets=TIME_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "ssd_queue_wait_seconds",
+            "Time an image waited in the batcher's queue",
+            buckets=TIME_BUCKETS,
+            registry=registry,
+        )
+        self.decode_duration = Histogram(
+            "ssd_decode_duration_seconds",
+            "Decode + orientation + resize time per image",
+            buckets=TIME_BUCKETS,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "ssd_inference_duration_seconds", "Engine time per batch", buckets=TIME_BUCKETS, registry=registry
+        )
+        self.batch_size = Histogram(
+            "ssd_batch_size", "Images per engine batch", buckets=BATCH_BUCKETS, registry=registry
+        )
+        self.images_processed = Counter(
+            "ssd_images_processed", "Images that went through the engine", registry=registry
+        )
+        self.throughput = ThroughputWindow()
+        self.images_per_second = Gauge(
+            "ssd_images_per_second",
+            f"Images through the engine per second over the last {THROUGHPUT_WINDOW_S:g} s",
+            registry=registry,
+        )
+        self.images_per_second.set_function(self.throughput.rate)
+        self.requests_in_flight = Gauge("ssd_requests_in_flight", "Detection requests being handled", registry=registry)
+        self.queue_depth = Gauge("ssd_queue_depth", "Images waiting in the batcher's queue", registry=registry)
+        self.rejected = Counter(
+            "ssd_rejected_requests", "Requests (or batch items) refused, by reason", ["reason"], registry=registry
+        )
+        self.model_info = Gauge(
+            "ssd_model_info", "The model being served (value 1)", ["model", "engine", "input_size"], registry=registry
+        )
+        for reason in ("queue_full", "timeout", "invalid_image", "unsupported_media_type", "payload_too_large"):
+            self.rejected.labels(reason=reason)  # present at 0 from the start
+
+    def set_model(self, model: str, engine: str, input_size: tuple[int, int]) -> None:
+        self.model_info.clear()
+        self.model_info.labels(model=model, engine=engine, input_size=f"{input_size[0]}x{input_size[1]}").set(1)
+
+    def observe_batch(self, size: int, inference_s: float) -> None:
+        self.batch_size.observe(size)
+        self.inference_duration.observe(inference_s)
+        self.images_processed.inc(size)
+        self.throughput.add(size)
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(reason=reason).inc()

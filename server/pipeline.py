@@ -1,0 +1,209 @@
+"""The serving pipeline behind the routes: model file -> engine -> warm-up -> batcher, and one image's trip
+through it (decode in the thread pool -> batcher -> detections in original pixels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model_export.metadata import ModelMetadata
+from server.batcher import BatcherConfig, DynamicBatcher, check_batch_output
+from server.engines import MODEL_SUFFIXES, create_engine
+from server.engines.base import Engine, EngineOptions
+from server.errors import InvalidParameter, NotReady
+from server.metrics import Metrics
+from server.model_store import ensure_model
+from server.postprocess import detections_json, select_detections
+from server.preprocess import PreparedImage, check_content_type, preprocess
+from server.settings import Settings
+from server.uploads import Upload
+
+logger = logging.getLogger("server.pipeline")
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    score_threshold: float
+    max_detections: int
+
+
+def warmup_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... up to and including max_batch_size: the sizes the batcher forms most."""
+    sizes = {max_batch_size}
+    size = 1
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+class Pipeline:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, engine_factory: Callable[[], Engine] | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._engine_factory = engine_factory or functools.partial(create_engine, settings.engine)
+        self.status = "loading"  # -> ready | failed
+        self.error: str | None = None
+        self.metadata: ModelMetadata | None = None
+        self.model_path: Path | None = None
+        self._engine: Engine | None = None
+        self._batcher: DynamicBatcher | None = None
+        # The engine's own thread: load, warm-up and every batch run there (CUDA state is per thread).
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=settings.effective_decode_workers, thread_name_prefix="decode"
+        )
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Model file -> engine -> warm-up -> batcher; sets status. Never raises (except on cancel)."""
+        try:
+            await self._start()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            logger.error("the model could not be loaded: %s", self.error)
+            logger.debug("load failure traceback", exc_info=True)
+            return
+        self.status = "ready"
+
+    async def _start(self) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        path = await ensure_model(settings)
+        suffixes = MODEL_SUFFIXES.get(settings.engine)
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise ValueError(f"the {settings.engine} engine reads {'/'.join(suffixes)} files, not {path.name}")
+        engine = self._engine_factory()
+        options = EngineOptions(
+            device=settings.device,
+            intra_op_threads=settings.intra_op_threads,
+            fp16=settings.fp16,
+            max_batch_size=settings.max_batch_size,
+        )
+        started = time.perf_counter()
+        metadata = await loop.run_in_executor(self._engine_thread, engine.load, path, options)
+        self._engine, self.metadata, self.model_path = engine, metadata, path
+        logger.info(
+            "loaded %s (%s, input %dx%d, %d labels) with %s on %s in %.1f s",
+            path,
+            metadata.model,
+            *metadata.input_size,
+            len(metadata.labels),
+            settings.engine,
+            settings.device,
+            time.perf_counter() - started,
+        )
+        exported_max = metadata.extra.get("max_batch", "")
+        if exported_max.isdigit() and settings.max_batch_size > int(exported_max):
+            logger.warning(
+                "max_batch_size %d is above the %s the file was exported for", settings.max_batch_size, exported_max
+            )
+        if settings.warmup:
+            await loop.run_in_executor(self._engine_thread, self._warm_up, engine, metadata)
+        config = BatcherConfig(
+            input_size=metadata.input_size,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+            max_queue_size=settings.max_queue_size,
+            request_timeout_s=settings.request_timeout_ms / 1000.0,
+        )
+        self._batcher = DynamicBatcher(engine.infer, config, self.metrics, executor=self._engine_thread)
+        self._batcher.start()
+        self.metrics.set_model(metadata.model, settings.engine, metadata.input_size)
+        logger.info("ready: max batch %d, queue delay %g ms", settings.max_batch_size, settings.max_queue_delay_ms)
+
+    def _warm_up(self, engine: Engine, metadata: ModelMetadata) -> None:
+        height, width = metadata.input_size
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        for size in warmup_sizes(self.settings.max_batch_size):
+            started = time.perf_counter()
+            check_batch_output(engine.infer(np.repeat(image[None], size, axis=0)), size)
+            logger.info("warm-up: batch %d in %.1f ms", size, (time.perf_counter() - started) * 1000)
+
+    async def stop(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.stop()
+        loop = asyncio.get_running_loop()
+        if self._engine is not None:
+            await loop.run_in_executor(self._engine_thread, self._engine.close)
+        self._engine_thread.shutdown(wait=False)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def ready(self) -> tuple[ModelMetadata, DynamicBatcher]:
+        if self.status != "ready" or self.metadata is None or self._batcher is None:
+            raise NotReady(f"the model is not ready ({self.status})")
+        return self.metadata, self._batcher
+
+    def options(self, score_threshold: float | None, max_detections: int | None) -> DetectOptions:
+        """The query's options, checked against what the model returns."""
+        metadata, _ = self.ready()
+        if score_threshold is None:
+            score_threshold = metadata.score_threshold
+        elif not metadata.score_threshold <= score_threshold <= 1.0:
+            raise InvalidParameter(
+                f"score_threshold must be between the model's {metadata.score_threshold:g} and 1, got {score_threshold:g}"
+            )
+        if max_detections is None:
+            max_detections = metadata.max_detections
+        elif not 1 <= max_detections <= metadata.max_detections:
+            raise InvalidParameter(
+                f"max_detections must be between 1 and the model's {metadata.max_detections}, got {max_detections}"
+            )
+        return DetectOptions(score_threshold=score_threshold, max_detections=max_detections)
+
+    async def decode(self, upload: Upload) -> PreparedImage:
+        metadata, _ = self.ready()
+        check_content_type(upload.content_type)
+        loop = asyncio.get_running_loop()
+        job = functools.partial(preprocess, upload.data, metadata.input_size, max_pixels=self.settings.max_image_pixels)
+        prepared = await loop.run_in_executor(self._decode_pool, job)
+        self.metrics.decode_duration.observe(prepared.decode_s)
+        return prepared
+
+    async def detect(self, upload: Upload, options: DetectOptions, received_at: float) -> dict[str, Any]:
+        """One image: decode -> batch -> detections; the response body as a dict (schemas.DetectResponse)."""
+        metadata, batcher = self.ready()
+        with batcher.incoming():
+            prepared = await self.decode(upload)
+            future = batcher.submit(prepared.pixels)
+        result = await future
+        detections = select_detections(
+            result.num_detections,
+            result.boxes,
+            result.scores,
+            result.classes,
+            width=prepared.width,
+            height=prepared.height,
+            score_threshold=options.score_threshold,
+            max_detections=options.max_detections,
+        )
+        return {
+            "model": metadata.model,
+            "width": prepared.width,
+            "height": prepared.height,
+            "detections": detections_json(detections, metadata.labels),
+            "timings_ms": {
+                "decode": round(prepared.decode_s * 1000, 3),
+                "queue": round(result.queue_s * 1000, 3),
+                "inference": round(result.inference_s * 1000, 3),
+                "total": round((time.perf_counter() - received_at) * 1000, 3),
+            },
+        }

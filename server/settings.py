@@ -1,0 +1,110 @@
+"""Every server setting in one place: defaults here, overridden by `SSD_*` environment variables, then by flags.
+
+`Settings` is built once (in `server.__main__`, or by a test) and passed into `create_app(settings)`;
+nothing reads the environment after that.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_NAME = "ssd_mobilenet_v1_coco"
+DEFAULT_MODEL_PATH = Path("weights") / f"{DEFAULT_MODEL_NAME}.onnx"
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+class Settings(BaseSettings):
+    """ssd-serve configuration (environment prefix `SSD_`, e.g. `SSD_MAX_BATCH_SIZE=16`)."""
+
+    model_config = SettingsConfigDict(env_prefix="SSD_", extra="forbid", frozen=True)
+
+    model: Path = Field(
+        DEFAULT_MODEL_PATH,
+        description="exported model: .onnx (onnxruntime, torch) or .engine/.plan (tensorrt); "
+        "the default is exported on first start if missing",
+    )
+    engine: str = Field("onnxruntime", description="inference engine: onnxruntime | torch | tensorrt")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    fp16: bool = Field(False, description="torch engine on CUDA: run the network in float16")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+
+    max_batch_size: int = Field(32, ge=1, description="largest batch the batcher hands to the engine")
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, description="a batch closes this long after its first request, if not full before"
+    )
+    max_queue_size: int = Field(256, ge=1, description="images waiting for the engine; beyond it: 503")
+    request_timeout_ms: float = Field(
+        10_000, gt=0, description="an image that waited longer than this is answered 504, never inferred"
+    )
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body (413 beyond)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height (413 beyond)")
+    max_images_per_request: int = Field(64, ge=1, description="most images in one /detect/batch request")
+    intra_op_threads: int = Field(0, ge=0, description="engine threads (0: the runtime's default)")
+    decode_workers: int = Field(0, ge=0, description="image decode threads (0: one per CPU core, at most 8)")
+    warmup: bool = Field(True, description="run batches of 1, 2, 4, ... max_batch_size once before reporting ready")
+
+    weights_mirror: str | None = Field(
+        None, description="offline folder the first-start export fetches weights from (SSD_WEIGHTS_MIRROR)"
+    )
+    log_level: LogLevel = Field("info", description="log level")
+    access_log: bool = Field(False, description="log every request (uvicorn's access log)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_from_file(cls, data: object) -> object:
+        """A TensorRT engine file as the model picks the tensorrt engine unless one was named; TensorRT runs on
+        CUDA, so it also picks device cuda unless one was named."""
+        if not isinstance(data, dict):
+            return data
+        if "engine" not in data and str(data.get("model", "")).lower().endswith((".engine", ".plan")):
+            data = {**data, "engine": "tensorrt"}
+        if data.get("engine") == "tensorrt" and "device" not in data:
+            data = {**data, "device": "cuda"}
+        return data
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        from server.engines import ENGINES
+
+        if value not in ENGINES:
+            raise ValueError(f"unknown engine {value!r}; known engines: {', '.join(sorted(ENGINES))}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        kind, _, index = value.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.fp16 and not self.device.startswith("cuda"):
+            raise ValueError("fp16 needs a CUDA device (device=cuda); it is not available on the CPU")
+        if self.engine == "tensorrt" and not self.device.startswith("cuda"):
+            raise ValueError("the tensorrt engine runs on a GPU: device must be cuda or cuda:N")
+        if self.fp16 and self.engine != "torch":
+            raise ValueError(f"fp16 is a torch-engine option; {self.engine} precision is fixed by the model file")
+        return self
+
+    @property
+    def effective_decode_workers(self) -> int:
+        return self.decode_workers or min(8, os.cpu_count() or 1)
+
+    @property
+    def is_default_model(self) -> bool:
+        return self.model == DEFAULT_MODEL_PATH

@@ -1,0 +1,269 @@
+"""The dynamic batcher on its own, with a small recording engine (these tests are about batching, not inference)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from server.batcher import BatcherConfig, DynamicBatcher, check_batch_output
+from server.engines.base import EngineOutput
+from server.errors import EngineError, NotReady, QueueFull, RequestTimeout
+from server.metrics import Metrics
+
+SIZE = (4, 4)
+K = 3
+
+
+def image(marker: int) -> np.ndarray:
+    return np.full((*SIZE, 3), marker, dtype=np.uint8)
+
+
+class RecordingEngine:
+    """Answers image i with num_detections = its marker; records every batch's markers; optional gate/failure."""
+
+    def __init__(self, delay_s: float = 0.0, fail_marker: int | None = None, drop_one: bool = False) -> None:
+        self.batches: list[list[int]] = []
+        self.delay_s = delay_s
+        self.fail_marker = fail_marker
+        self.drop_one = drop_one
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, images: np.ndarray) -> EngineOutput:
+        markers = [int(m) for m in images[:, 0, 0, 0]]
+        self.batches.append(markers)
+        self.entered.set()
+        self.gate.wait(10)
+        time.sleep(self.delay_s)
+        if self.fail_marker in markers:
+            raise ValueError("boom")
+        n = len(markers) - (1 if self.drop_one else 0)
+        marker_arr = np.array(markers[:n], dtype=np.int32)
+        return EngineOutput(
+            num_detections=marker_arr,
+            boxes=np.zeros((n, K, 4), np.float32),
+            scores=np.repeat(marker_arr[:, None].astype(np.float32), K, axis=1),
+            classes=np.zeros((n, K), np.int32),
+        )
+
+
+def make(engine: RecordingEngine, **config: object) -> tuple[DynamicBatcher, Metrics]:
+    metrics = Metrics(CollectorRegistry())
+    batcher = DynamicBatcher(engine, BatcherConfig(input_size=SIZE, **config), metrics)  # type: ignore[arg-type]
+    return batcher, metrics
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_batches_close_at_max_batch_size_and_each_future_gets_its_own_result() -> None:
+    engine = RecordingEngine()
+
+    async def scenario() -> None:
+        batcher, metrics = make(engine, max_batch_size=4, max_queue_delay_s=0.05)
+        batcher.start()
+        futures = [batcher.submit(image(i)) for i in range(10)]  # all queued before the loop looks
+        results = await asyncio.gather(*futures)
+        assert [r.num_detections for r in results] == list(range(10))
+        assert [float(r.scores[0]) for r in results] == [float(i) for i in range(10)]
+        assert [r.batch_size for r in results] == [4] * 8 + [2] * 2
+        await batcher.stop()
+        assert metrics.registry.get_sample_value("ssd_batch_size_count") == 3
+        assert metrics.registry.get_sample_value("ssd_batch_size_sum") == 10
+        assert metrics.registry.get_sample_value("ssd_images_processed_total") == 10
+        assert metrics.registry.get_sample_value("ssd_queue_wait_seconds_count") == 10
+
+    run(scenario())
+    assert engine.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_an_open_batch_waits_for_announced_requests_up_to_the_delay() -> None:
+    engine = RecordingEngine()
+    delay = 0.2
+
+    async def scenario() -> None:
+        batcher, _ = make(engine, max_batch_size=8, max_queue_delay_s=delay)
+        batcher.start()
+        with batcher.incoming():  # a second request is being decoded
+            first = batcher.submit(image(1))
+            await asyncio.sleep(0.05)
+            second = batcher.submit(image(2))
+        with batcher.incoming():  # a third is announced but never arrives: the batch closes at the deadline
+            a, b = await asyncio.gather(first, second)
+        assert a.batch_size == b.batch_size == 2
+        assert a.queue_s >= delay * 0.9
+
+    run(scenario())
+    assert engine.batches == [[1, 2]]
+
+
+def test_a_lone_request_is_not_held_for_the_delay() -> None:
+    engine = RecordingEngine()
+
+    async def scenario() -> None:
+        batcher, _ = make(engine, max_batch_size=8, max_queue_delay_s=5.0)
+        batcher.start()
+        started = time.perf_counter()
+        result = await batcher.submit(image(7))
+        assert time.perf_counter() - started < 1.0  # nothing else in flight: no reason to wait 5 s
+        assert result.batch_size == 1
+
+    run(scenario())
+
+
+def test_batching_off_baseline_runs_every_image_alone() -> None:
+    engine = RecordingEngine()
+
+    async def scenario() -> None:
+        batcher, _ = make(engine, max_batch_size=1, max_queue_delay_s=0.0)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(image(i)) for i in range(5)))
+        assert [r.num_detections for r in results] == list(range(5))
+
+    run(scenario())
+    assert engine.batches == [[0], [1], [2], [3], [4]]
+
+
+def test_requests_left_waiting_past_the_timeout_never_reach_the_engine() -> None:
+    engine = RecordingEngine()
+    engine.gate.clear()
+
+    async def scenario() -> None:
+        batcher, _ = make(engine, max_batch_size=1, request_timeout_s=0.1)
+        batcher.start()
+        running = batcher.submit(image(1))
+        await asyncio.get_running_loop().run_in_executor(None, engine.entered.wait, 5)
+        late = batcher.submit(image(2))  # queued behind a batch that takes longer than the timeout
+        await asyncio.sleep(0.3)
+        engine.gate.set()
+        assert (await running).num_detections == 1
+        with pytest.raises(RequestTimeout):
+            await late
+        fresh = await batcher.submit(image(3))  # the server goes on normally
+        assert fresh.num_detections == 3
+
+    run(scenario())
+    assert engine.batches == [[1], [3]]
+
+
+def test_an_engine_failure_fails_only_its_batch() -> None:
+    engine = RecordingEngine(fail_marker=13)
+
+    async def scenario() -> None:
+        batcher, metrics = make(engine, max_batch_size=2)
+        batcher.start()
+        bad = [batcher.submit(image(13)), batcher.submit(image(1))]
+        outcomes = await asyncio.gather(*bad, return_exceptions=True)
+        assert all(isinstance(o, EngineError) for o in outcomes)
+        assert "boom" in str(outcomes[0])
+        good = await asyncio.gather(batcher.submit(image(2)), batcher.submit(image(3)))
+        assert [g.num_detections for g in good] == [2, 3]
+        assert metrics.registry.get_sample_value("ssd_images_processed_total") == 2
+
+    run(scenario())
+
+
+def test_a_wrong_number_of_results_fails_the_batch_loudly() -> None:
+    engine = RecordingEngine(drop_one=True)
+
+    async def scenario() -> None:
+        batcher, _ = make(engine, max_batch_size=4)
+        batcher.start()
+        outcomes = await asyncio.gather(*(batcher.submit(image(i)) for i in range(3)), return_exceptions=True)
+        assert all(isinstance(o, EngineError) for o in outcomes)
+        assert "wrong number of images" in str(outcomes[0])
+
+    run(scenario())
+
+
+def test_a_full_queue_refuses_at_submit() -> None:
+    engine = RecordingEngine()
+    engine.gate.clear()
+
+    async def scenario() -> None:
+        batcher, metrics = make(engine, max_batch_size=1, max_queue_size=2)
+        batcher.start()
+        running = batcher.submit(image(0))
+        await asyncio.get_running_loop().run_in_executor(None, engine.entered.wait, 5)
+        queued = [batcher.submit(image(1)), batcher.submit(image(2))]
+        assert metrics.registry.get_sample_value("ssd_queue_depth") == 2
+        with pytest.raises(QueueFull) as refused:
+            batcher.submit(image(3))
+        assert refused.value.headers() == {"Retry-After": "1"}
+        engine.gate.set()
+        results = await asyncio.gather(running, *queued)
+        assert [r.num_detections for r in results] == [0, 1, 2]
+        assert metrics.registry.get_sample_value("ssd_queue_depth") == 0
+
+    run(scenario())
+
+
+def test_a_cancelled_request_is_skipped() -> None:
+    engine = RecordingEngine()
+    engine.gate.clear()
+
+    async def scenario() -> None:
+        batcher, _ = make(engine, max_batch_size=4)
+        batcher.start()
+        first = batcher.submit(image(1))
+        await asyncio.get_running_loop().run_in_executor(None, engine.entered.wait, 5)
+        gone = batcher.submit(image(2))
+        kept = batcher.submit(image(3))
+        gone.cancel()
+        engine.gate.set()
+        assert (await first).num_detections == 1
+        assert (await kept).num_detections == 3
+
+    run(scenario())
+    assert engine.batches == [[1], [3]]
+
+
+def test_stop_answers_what_still_waits() -> None:
+    engine = RecordingEngine()
+    engine.gate.clear()
+
+    async def scenario() -> None:
+        batcher, _ = make(engine, max_batch_size=1)
+        batcher.start()
+        running = batcher.submit(image(1))
+        await asyncio.get_running_loop().run_in_executor(None, engine.entered.wait, 5)
+        waiting = batcher.submit(image(2))
+        engine.gate.set()
+        await batcher.stop()
+        with pytest.raises(NotReady):
+            await waiting
+        with pytest.raises(NotReady):
+            batcher.submit(image(3))
+        running.cancel()
+
+    run(scenario())
+
+
+def test_check_batch_output_names_what_is_wrong() -> None:
+    good = EngineOutput(
+        num_detections=np.zeros(2, np.int32),
+        boxes=np.zeros((2, K, 4), np.float32),
+        scores=np.zeros((2, K), np.float32),
+        classes=np.zeros((2, K), np.int32),
+    )
+    check_batch_output(good, 2)
+    with pytest.raises(RuntimeError, match="batch of 3"):
+        check_batch_output(good, 3)
+    bad_boxes = EngineOutput(good.num_detections, np.zeros((2, K), np.float32), good.scores, good.classes)
+    with pytest.raises(RuntimeError, match="boxes: bad shape"):
+        check_batch_output(bad_boxes, 2)
+
+
+def test_config_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        BatcherConfig(input_size=SIZE, max_batch_size=0)
+    with pytest.raises(ValueError):
+        BatcherConfig(input_size=SIZE, max_queue_delay_s=-1)
+    BatcherConfig(input_size=SIZE, max_batch_size=1, max_queue_delay_s=0)  # the batching-off baseline is valid

@@ -1,0 +1,149 @@
+"""The ONNX Runtime engine against a small hand-built file of the model contract, and the engine registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_export.metadata import METADATA_KEY, ModelMetadata
+from server.engines import ENGINES, MODEL_SUFFIXES, create_engine
+from server.engines.base import EngineOptions
+from server.engines.onnxruntime import EngineLoadError, OnnxRuntimeEngine
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper
+
+SIZE = (8, 8)
+K = 3
+METADATA = ModelMetadata(
+    model="contract-probe",
+    input_size=SIZE,
+    labels=("zero", "one", "two"),
+    score_threshold=0.01,
+    iou_threshold=0.45,
+    candidates_per_class=400,
+    max_detections=K,
+    score_activation="softmax",
+    weights_source="random",
+    weights_sha256=None,
+    opset=17,
+)
+
+
+def contract_model(
+    path: Path, *, metadata: ModelMetadata | None = METADATA, input_type: int = TensorProto.UINT8
+) -> Path:
+    """images uint8 [B, 8, 8, 3] -> one detection per image: score = mean pixel / 255, class 2, a fixed box."""
+    c = helper.make_tensor
+    nodes = [
+        helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[1, 2, 3], keepdims=0),  # [B]
+        helper.make_node("Div", ["mean", "c255"], ["score"]),
+        helper.make_node("Unsqueeze", ["score", "ax1"], ["score_b1"]),  # [B, 1]
+        helper.make_node("Mul", ["score_b1", "first_row"], ["scores"]),  # [B, K]
+        helper.make_node("Mul", ["score", "zero"], ["zeros_b"]),  # [B]
+        helper.make_node("Add", ["zeros_b", "one"], ["ones_b"]),
+        helper.make_node("Cast", ["ones_b"], ["num_detections"], to=TensorProto.INT32),
+        helper.make_node("Unsqueeze", ["zeros_b", "ax12"], ["zeros_b11"]),  # [B, 1, 1]
+        helper.make_node("Add", ["zeros_b11", "box_rows"], ["boxes"]),  # [B, K, 4]
+        helper.make_node("Mul", ["score_b1", "zero"], ["zeros_b1"]),
+        helper.make_node("Add", ["zeros_b1", "class_row"], ["classes_f"]),
+        helper.make_node("Cast", ["classes_f"], ["classes"], to=TensorProto.INT32),
+    ]
+    box_rows = np.zeros((1, K, 4), np.float32)
+    box_rows[0, 0] = (0.1, 0.2, 0.3, 0.4)
+    initializers = [
+        c("c255", TensorProto.FLOAT, [], [255.0]),
+        c("zero", TensorProto.FLOAT, [], [0.0]),
+        c("one", TensorProto.FLOAT, [], [1.0]),
+        c("ax1", TensorProto.INT64, [1], [1]),
+        c("ax12", TensorProto.INT64, [2], [1, 2]),
+        c("first_row", TensorProto.FLOAT, [1, K], [1.0] + [0.0] * (K - 1)),
+        c("box_rows", TensorProto.FLOAT, [1, K, 4], box_rows.ravel().tolist()),
+        c("class_row", TensorProto.FLOAT, [1, K], [2.0] + [0.0] * (K - 1)),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "contract_probe",
+        [helper.make_tensor_value_info("images", input_type, ["batch", *SIZE, 3])],
+        [
+            helper.make_tensor_value_info("num_detections", TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["batch", K, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", K]),
+            helper.make_tensor_value_info("classes", TensorProto.INT32, ["batch", K]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if metadata is not None:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, metadata.to_json()
+    onnx.save(model, str(path))
+    return path
+
+
+def test_load_reads_the_description_and_infer_follows_the_contract(tmp_path: Path) -> None:
+    engine = OnnxRuntimeEngine()
+    metadata = engine.load(contract_model(tmp_path / "m.onnx"), EngineOptions(intra_op_threads=1))
+    assert metadata == METADATA
+    images = np.stack([np.full((*SIZE, 3), v, np.uint8) for v in (0, 51, 255)])
+    out = engine.infer(images)
+    assert out.num_detections.dtype == np.int32 and out.num_detections.tolist() == [1, 1, 1]
+    assert out.boxes.shape == (3, K, 4) and out.boxes.dtype == np.float32
+    np.testing.assert_allclose(out.scores[:, 0], [0.0, 0.2, 1.0], atol=1e-6)
+    assert out.classes.dtype == np.int32 and out.classes[:, 0].tolist() == [2, 2, 2]
+    engine.close()
+
+
+def test_a_file_without_the_description_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(EngineLoadError, match="metadata"):
+        OnnxRuntimeEngine().load(contract_model(tmp_path / "m.onnx", metadata=None), EngineOptions())
+
+
+def test_a_file_off_the_contract_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(EngineLoadError, match="images is tensor\\(float\\)"):
+        OnnxRuntimeEngine().load(contract_model(tmp_path / "m.onnx", input_type=TensorProto.FLOAT), EngineOptions())
+
+
+def test_missing_or_unreadable_files_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(EngineLoadError, match="not found"):
+        OnnxRuntimeEngine().load(tmp_path / "absent.onnx", EngineOptions())
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not onnx")
+    with pytest.raises(EngineLoadError, match="cannot load"):
+        OnnxRuntimeEngine().load(junk, EngineOptions())
+
+
+def test_cuda_without_the_provider_is_an_error_not_a_cpu_fallback(tmp_path: Path) -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA; the refusal is for CPU-only builds")
+    with pytest.raises(EngineLoadError, match="CUDAExecutionProvider"):
+        OnnxRuntimeEngine().load(contract_model(tmp_path / "m.onnx"), EngineOptions(device="cuda"))
+
+
+@pytest.mark.gpu
+def test_cuda_with_io_binding_matches_the_cpu(tmp_path: Path) -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu with CUDAExecutionProvider and an NVIDIA GPU")
+    path = contract_model(tmp_path / "m.onnx")
+    images = np.random.default_rng(0).integers(0, 256, (4, *SIZE, 3), dtype=np.uint8)
+    cpu, gpu = OnnxRuntimeEngine(), OnnxRuntimeEngine()
+    cpu.load(path, EngineOptions())
+    gpu.load(path, EngineOptions(device="cuda:0"))
+    a, b = cpu.infer(images), gpu.infer(images)
+    np.testing.assert_array_equal(a.num_detections, b.num_detections)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+
+
+def test_the_registry_names_every_engine() -> None:
+    assert set(ENGINES) == {"onnxruntime", "torch", "tensorrt"} == set(MODEL_SUFFIXES)
+    assert isinstance(create_engine("onnxruntime"), OnnxRuntimeEngine)
+    with pytest.raises(ValueError, match="known engines"):
+        create_engine("tflite")

@@ -1,0 +1,87 @@
+"""Metric names (a contract with docker/prometheus and docker/grafana), buckets, and the throughput window."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.metrics import BATCH_BUCKETS, TIME_BUCKETS, Metrics, ThroughputWindow
+
+EXPECTED = {
+    "ssd_requests": "counter",
+    "ssd_request_duration_seconds": "histogram",
+    "ssd_queue_wait_seconds": "histogram",
+    "ssd_decode_duration_seconds": "histogram",
+    "ssd_inference_duration_seconds": "histogram",
+    "ssd_batch_size": "histogram",
+    "ssd_images_processed": "counter",
+    "ssd_images_per_second": "gauge",
+    "ssd_requests_in_flight": "gauge",
+    "ssd_queue_depth": "gauge",
+    "ssd_rejected_requests": "counter",
+    "ssd_model_info": "gauge",
+}
+
+
+def test_every_metric_is_exposed_with_its_type() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.requests.labels(endpoint="/detect", code="200").inc()
+    metrics.request_duration.labels(endpoint="/detect").observe(0.01)
+    metrics.set_model("m", "onnxruntime", (300, 300))
+    families = {f.name: f.type for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
+    for name, kind in EXPECTED.items():
+        assert families.get(name) == kind, name
+
+
+def test_buckets() -> None:
+    assert TIME_BUCKETS[0] == 0.0001 and TIME_BUCKETS[-1] == 10
+    assert BATCH_BUCKETS == (1, 2, 4, 8, 16, 32, 64, 128)
+    metrics = Metrics(CollectorRegistry())
+    metrics.observe_batch(3, 0.02)
+    registry = metrics.registry
+    assert registry.get_sample_value("ssd_batch_size_bucket", {"le": "2.0"}) == 0
+    assert registry.get_sample_value("ssd_batch_size_bucket", {"le": "4.0"}) == 1
+    assert registry.get_sample_value("ssd_inference_duration_seconds_bucket", {"le": "0.0001"}) == 0
+    assert registry.get_sample_value("ssd_inference_duration_seconds_bucket", {"le": "0.025"}) == 1
+    assert registry.get_sample_value("ssd_images_processed_total") == 3
+
+
+def test_rejections_by_reason_start_at_zero() -> None:
+    metrics = Metrics(CollectorRegistry())
+    for reason in ("queue_full", "timeout", "invalid_image", "unsupported_media_type", "payload_too_large"):
+        assert metrics.registry.get_sample_value("ssd_rejected_requests_total", {"reason": reason}) == 0
+    metrics.reject("queue_full")
+    metrics.reject("queue_full")
+    assert metrics.registry.get_sample_value("ssd_rejected_requests_total", {"reason": "queue_full"}) == 2
+
+
+def test_model_info_names_the_model() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.set_model("ssd_mobilenet_v1_coco", "onnxruntime", (300, 300))
+    labels = {"model": "ssd_mobilenet_v1_coco", "engine": "onnxruntime", "input_size": "300x300"}
+    assert metrics.registry.get_sample_value("ssd_model_info", labels) == 1
+
+
+def test_two_apps_do_not_share_metrics() -> None:
+    a, b = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
+    a.images_processed.inc(5)
+    assert b.registry.get_sample_value("ssd_images_processed_total") == 0
+
+
+def test_throughput_window_slides() -> None:
+    now = [100.0]
+    window = ThroughputWindow(window_s=10.0, clock=lambda: now[0])
+    window.add(30)
+    now[0] = 105.0
+    window.add(20)
+    assert window.rate() == 5.0
+    now[0] = 112.0  # the first 30 left the window
+    assert window.rate() == 2.0
+    now[0] = 200.0
+    assert window.rate() == 0.0
+
+
+def test_images_per_second_gauge_reads_the_window() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.observe_batch(20, 0.1)
+    assert metrics.registry.get_sample_value("ssd_images_per_second") == 2.0

@@ -1,0 +1,249 @@
+"""Decode, orientation, colour modes, limits, and the resize: pixel-equal to torch's bilinear interpolate."""
+
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.errors import EmptyBody, ImageTooLarge, InvalidImage, UnsupportedMediaType
+from server.preprocess import check_content_type, decode, preprocess, resize_bilinear, to_rgb
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CATS = REPO_ROOT.parent / "shared" / "data" / "images" / "cats_and_dogs.jpg"
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **params)
+    return out.getvalue()
+
+
+def halves(width: int = 40, height: int = 20) -> Image.Image:
+    """Left half red, right half blue."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 2] = (255, 0, 0)
+    pixels[:, width // 2 :] = (0, 0, 255)
+    return Image.fromarray(pixels)
+
+
+# ------------------------------------------------------------------------------------------------- resize
+
+
+@pytest.fixture(scope="module")
+def torch_resize():  # type: ignore[no-untyped-def]
+    """torch's interpolate as the export validation runs it (uint8 -> float -> bilinear -> round -> uint8).
+
+    torch switches to a channels-last kernel when it runs on exactly one intra-op thread (a different float
+    summation order, which flips ~0.005% of the rounded pixels by one level); the exporter's validation runs
+    with torch's default thread count, so the reference here uses at least two threads.
+    """
+    torch = pytest.importorskip("torch")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(2, previous))
+
+    def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        batch = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
+        out = torch.nn.functional.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=False)
+        return out.round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+
+    yield resize
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [
+        ((480, 640), (300, 300)),  # VGA down
+        ((600, 1200), (300, 300)),  # exactly 2x / 4x: many exact .5 ties
+        ((1080, 1920), (300, 300)),
+        ((333, 517), (300, 300)),
+        ((200, 150), (300, 300)),  # up
+        ((37, 1000), (300, 300)),  # mixed
+        ((1, 1), (300, 300)),
+        ((300, 300), (300, 300)),  # identity
+        ((500, 375), (320, 320)),
+        ((257, 129), (512, 512)),
+    ],
+)
+def test_resize_equals_torch_interpolate_pixel_for_pixel(torch_resize, shape, size) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(sum(shape) + sum(size))
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ours, theirs = resize_bilinear(image, size), torch_resize(image, size)
+    assert ours.shape == (*size, 3) and ours.dtype == np.uint8
+    mismatched = int((ours != theirs).sum())
+    assert mismatched == 0, f"{mismatched} values differ from torch"
+
+
+def test_resize_of_a_real_photo_equals_torch(torch_resize) -> None:  # type: ignore[no-untyped-def]
+    rgb = np.asarray(Image.open(CATS).convert("RGB"))
+    assert np.array_equal(resize_bilinear(rgb, (300, 300)), torch_resize(rgb, (300, 300)))
+    assert np.array_equal(preprocess(CATS.read_bytes(), (300, 300)).pixels, torch_resize(rgb, (300, 300)))
+
+
+def test_resize_does_not_antialias() -> None:
+    # A one-pixel checkerboard halved by a bilinear filter without antialiasing samples between two pixels.
+    board = (np.indices((8, 8)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    image = np.repeat(board[:, :, None], 3, axis=2)
+    out = resize_bilinear(image, (4, 4))
+    assert set(np.unique(out)) <= {127, 128}  # (0 + 255) / 2 = 127.5, rounded half to even / by weights
+
+
+def test_the_server_never_imports_torch() -> None:
+    code = (
+        "import sys, server.app, server.preprocess, server.batcher, server.engines.onnxruntime; "
+        "sys.exit('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=False).returncode == 0
+
+
+# ------------------------------------------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
+def test_every_supported_format_decodes(fmt: str) -> None:
+    data = encode(halves(), fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    prepared = preprocess(data, (10, 20))
+    assert (prepared.width, prepared.height) == (40, 20)
+    left, right = prepared.pixels[5, 2].astype(int), prepared.pixels[5, 17].astype(int)
+    assert left[0] > 200 and left[2] < 60, left
+    assert right[2] > 200 and right[0] < 60, right
+
+
+def test_gif_uses_the_first_frame() -> None:
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    out = io.BytesIO()
+    red.save(out, format="GIF", save_all=True, append_images=[blue], duration=100, loop=0)
+    pixels = preprocess(out.getvalue(), (4, 4)).pixels
+    assert tuple(pixels[0, 0]) == (255, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "expected"),
+    [
+        ("L", 200, (200, 200, 200)),
+        ("1", 1, (255, 255, 255)),
+        ("RGBA", (10, 20, 30, 0), (10, 20, 30)),  # alpha is dropped, colour kept
+        ("LA", (90, 255), (90, 90, 90)),
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+        ("I;16", 65535, (255, 255, 255)),
+        ("I;16", 256 * 77, (77, 77, 77)),
+        ("I", 120, (120, 120, 120)),
+        ("F", 33.0, (33, 33, 33)),
+    ],
+)
+def test_every_mode_becomes_rgb(mode: str, value: object, expected: tuple[int, int, int]) -> None:
+    rgb = to_rgb(Image.new(mode, (3, 2), value))  # type: ignore[arg-type]
+    assert rgb.shape == (2, 3, 3) and rgb.dtype == np.uint8
+    assert tuple(int(v) for v in rgb[1, 2]) == expected
+
+
+def test_palette_images_use_their_palette() -> None:
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 12, 34, 56] + [0] * 762)
+    assert tuple(preprocess(encode(image, "PNG"), (2, 2)).pixels[0, 0]) == (12, 34, 56)
+
+
+def test_sixteen_bit_png_decodes() -> None:
+    grey = Image.fromarray(np.full((4, 4), 50000, dtype=np.uint16))
+    data = encode(grey, "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    assert tuple(preprocess(data, (2, 2)).pixels[0, 0]) == (50000 >> 8,) * 3
+
+
+@pytest.mark.parametrize(
+    ("orientation", "size", "left_colour"),
+    [(1, (40, 20), "red"), (3, (40, 20), "blue"), (6, (20, 40), None), (8, (20, 40), None)],
+)
+def test_exif_orientation_is_applied(orientation: int, size: tuple[int, int], left_colour: str | None) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(halves(), "JPEG", quality=95, exif=exif.tobytes())
+    image = decode(data)
+    assert image.size == size
+    if left_colour is not None:
+        red, _, blue = image.getpixel((2, 10))
+        assert (red > blue) == (left_colour == "red")
+    else:  # rotated a quarter turn: the halves are now top and bottom
+        top, bottom = image.getpixel((10, 2)), image.getpixel((10, 37))
+        assert top != bottom
+
+
+def test_empty_data_is_refused() -> None:
+    with pytest.raises(EmptyBody):
+        preprocess(b"", (4, 4))
+
+
+@pytest.mark.parametrize("data", [b"hello, world", b"\x89PNG\r\n\x1a\n" + b"\0" * 20, b"GIF89a"])
+def test_non_images_are_invalid(data: bytes) -> None:
+    with pytest.raises(InvalidImage):
+        preprocess(data, (4, 4))
+
+
+def test_unsupported_formats_are_invalid() -> None:
+    with pytest.raises(InvalidImage, match="JPEG, PNG, WebP, BMP or GIF"):
+        preprocess(encode(halves(), "TIFF"), (4, 4))
+
+
+def test_truncated_and_corrupt_images_are_invalid() -> None:
+    jpeg = CATS.read_bytes()
+    with pytest.raises(InvalidImage):
+        preprocess(jpeg[: len(jpeg) // 2], (4, 4))
+    corrupt = bytearray(encode(halves(200, 200), "PNG"))
+    corrupt[60:200] = bytes(140)
+    with pytest.raises(InvalidImage):
+        preprocess(bytes(corrupt), (4, 4))
+
+
+def test_too_many_pixels_is_refused_from_the_header() -> None:
+    data = encode(halves(100, 100), "PNG")
+    with pytest.raises(ImageTooLarge, match="10000 pixels"):
+        preprocess(data, (4, 4), max_pixels=5000)
+    preprocess(data, (4, 4), max_pixels=10000)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries no pixel data (a decompression bomb's header)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [8000, 20000])  # 64 MP: our limit; 400 MP: PIL's own DecompressionBombError too
+def test_decompression_bombs_are_refused_before_decoding(side: int) -> None:
+    with pytest.raises(ImageTooLarge):
+        preprocess(png_header_only(side, side), (4, 4), max_pixels=40_000_000)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "",
+        "image/jpeg",
+        "image/png",
+        "IMAGE/WEBP",
+        "image/bmp",
+        "image/gif",
+        "application/octet-stream",
+        "image/jpeg; charset=x",
+    ],
+)
+def test_image_and_unlabelled_content_types_are_accepted(content_type: str | None) -> None:
+    check_content_type(content_type)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/json", "image/tiff", "image/svg+xml", "video/mp4"])
+def test_other_content_types_are_refused(content_type: str) -> None:
+    with pytest.raises(UnsupportedMediaType):
+        check_content_type(content_type)
