@@ -85,14 +85,6 @@ class ValidationReport:
 # ---------------------------------------------------------------------------------------------------- images
 
 
-def resize_bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 [3, h, w] -> uint8 [H, W, 3]: bilinear, align_corners=False, no antialias, rounded (the server's)."""
-    resized = torch.nn.functional.interpolate(
-        image.unsqueeze(0).to(torch.float32), size=size, mode="bilinear", align_corners=False, antialias=False
-    )[0]
-    return resized.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
-
-
 def dead_leaves_images(size: tuple[int, int], count: int, seed: int, disks: int = 300) -> torch.Tensor:
     """Seeded synthetic photos, uint8 [count, H, W, 3]: the "dead leaves" model of natural image statistics.
 
@@ -138,12 +130,14 @@ def _photo_paths(directory: Path | None) -> list[Path]:
     return own + listing(SHARED_DATA / "voc2012_sample" / "JPEGImages")[: MAX_PHOTOS - len(own)]
 
 
-def _decode(path: Path) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image, read_file
+def _prepare(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """The server's own decode and resize, so validation feeds the model exactly the pixels the server will."""
+    from server.errors import ServerError
+    from server.preprocess import preprocess
 
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except (RuntimeError, OSError) as exc:
+        return torch.from_numpy(preprocess(path.read_bytes(), size).pixels)
+    except (ServerError, OSError) as exc:
         raise ExportError(f"cannot decode validation image {path}: {exc}") from exc
 
 
@@ -152,13 +146,13 @@ def load_validation_images(size: tuple[int, int], directory: Path | None = None)
 
     Photos come from `directory` (its first 7 .jpg/.jpeg/.png files by name) or, by default, from the shared test
     data beside the repository (`../shared/data/images` and a few `voc2012_sample` photos); where neither exists,
-    from seeded synthetic "dead leaves" images. Each is EXIF-oriented, converted to RGB and resized with the
-    server's filter (`resize_bilinear`). A black frame sits in the middle of the set (index N // 2), so that a
+    from seeded synthetic "dead leaves" images. Each is EXIF-oriented, converted to RGB and resized by the
+    server's own preprocessing (`server.preprocess.preprocess`). A black frame sits in the middle of the set (index N // 2), so that a
     batch of 8 mixes an image with zero detections among images with many.
     """
     paths = _photo_paths(directory)
     if paths:
-        photos = torch.stack([resize_bilinear(_decode(p), size) for p in paths])
+        photos = torch.stack([_prepare(p, size) for p in paths])
     else:
         photos = dead_leaves_images(size, MAX_PHOTOS, seed=1)
     blank = torch.zeros((1, *size, 3), dtype=torch.uint8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,6 +254,8 @@ def test_coco_weights_offline_name_the_file_to_supply(
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     for var in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(var, raising=False)
+    # urlopen caches an opener built from these proxies; let it go with the test.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     filename = {VGG: "ssd300_vgg16_coco-b556d3b4.pth", LITE: "ssdlite320_mobilenet_v3_large_coco-a79551df.pth"}[name]
     with pytest.raises(ExportError) as info:
         REGISTRY[name].build("coco", None)

@@ -13,6 +13,7 @@ from model_export.errors import ExportError
 from model_export.exportable import ExportableSSD
 from model_export.onnx_export import export_onnx
 from model_export.spec import Detections, PostprocessOptions, SSDModel
+from server.preprocess import preprocess
 from model_export.validate import (
     SHARED_DATA,
     ValidationReport,
@@ -20,7 +21,6 @@ from model_export.validate import (
     compare_detections,
     dead_leaves_images,
     load_validation_images,
-    resize_bilinear,
     validate_export,
 )
 
@@ -137,8 +137,10 @@ def test_photos_are_resized_bilinear_without_antialias(tmp_path: Path) -> None:
         decoded[None].float(), size=(300, 300), mode="bilinear", align_corners=False, antialias=False
     )[0]
     expected = expected.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
-    assert torch.equal(resize_bilinear(decoded, (300, 300)), expected)
-    assert torch.equal(load_validation_images((300, 300), None)[0], expected)  # cats_and_dogs.jpg sorts first
+    served = preprocess(photo.read_bytes(), (300, 300)).pixels
+    validated = load_validation_images((300, 300), None)[0]  # cats_and_dogs.jpg sorts first
+    assert torch.equal(validated, torch.from_numpy(served))  # the pixels the server feeds the model
+    assert torch.equal(validated, expected)
     antialiased = torch.nn.functional.interpolate(
         decoded[None].float(), size=(300, 300), mode="bilinear", align_corners=False, antialias=True
     )[0]
