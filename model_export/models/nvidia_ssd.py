@@ -37,11 +37,8 @@ with `torch.load(weights_only=True)`; the class count is read off its heads unle
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
-import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -51,9 +48,11 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import nms
 
+from model_export.checkpoints import check_fit, read_state_dict
 from model_export.errors import ExportError
 from model_export.models import ModelSource
 from model_export.spec import Detections, PostprocessOptions, SSDModel
+from model_export.weights import sha256_of
 
 NAME = "ssd300_resnet50"
 # The checkpoint their torch.hub entry point (`nvidia_ssd`, src/entrypoints.py) downloads for pretrained=True.
@@ -96,9 +95,6 @@ MEAN = (0.485 * 255.0, 0.456 * 255.0, 0.406 * 255.0)
 STD = (0.229 * 255.0, 0.224 * 255.0, 0.225 * 255.0)
 
 # Their DDP-wrapped checkpoints prefix keys; `module.1.` comes from a DDP-wrapped (normaliser, model) Sequential.
-_DISTRIBUTED_PREFIXES = ("module.1.", "module.")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Network
 
@@ -309,76 +305,12 @@ def calibrate_random_network(network: SSD300ResNet50, seed: int = DEFAULT_SEED) 
 # Weights
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _strip_distributed_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the `module.` (or `module.1.`) prefix that DistributedDataParallel adds, as their hub loader does."""
-    stripped = {}
-    for key, value in state_dict.items():
-        for prefix in _DISTRIBUTED_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                break
-        stripped[key] = value
-    return stripped
-
-
-def _extract_state_dict(checkpoint: object, source: str) -> dict[str, torch.Tensor]:
-    """Their checkpoint is {"model": state_dict, "epoch": ..., ...}; a bare state_dict is accepted too."""
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
-        checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, Mapping) or not checkpoint:
-        raise ExportError(f"{source}: not an NVIDIA SSD300 checkpoint (expected a dict with a 'model' state_dict)")
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
-        raise ExportError(f"{source}: the 'model' entry is not a state_dict of tensors")
-    return _strip_distributed_prefix(checkpoint)
-
-
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ExportError(f"weights file not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"cannot read weights file {path} (torch.load, weights_only=True): {first_line}") from exc
-    return _extract_state_dict(checkpoint, str(path))
-
-
 def _classes_in(state_dict: Mapping[str, torch.Tensor]) -> int | None:
     """The class count a checkpoint was trained with, read off the first conf head (None if it has none)."""
     weight = state_dict.get("conf.0.weight")
     if weight is None or weight.ndim != 4 or weight.shape[0] % BOXES_PER_LOCATION[0]:
         return None
     return weight.shape[0] // BOXES_PER_LOCATION[0]
-
-
-def _load_into(network: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strict load, with a one-line account of what does not fit."""
-    expected = network.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} {list(state_dict[k].shape)} vs {list(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if mismatched:
-            details.append(f"{len(mismatched)} shape mismatches, file vs model (e.g. {mismatched[0]})")
-        raise ExportError(f"weights {source} do not fit {NAME}: {'; '.join(details)}")
-    network.load_state_dict(state_dict, strict=True)
 
 
 def _official_checkpoint() -> Path:
@@ -430,12 +362,13 @@ def build(weights: str | None, num_classes: int | None = None) -> SSDModel:
         if weights == "coco" and num_classes not in (None, NUM_CLASSES):
             raise ExportError(f"the COCO checkpoint of {NAME} has {NUM_CLASSES} classes, not {num_classes}")
         path = _official_checkpoint() if weights == "coco" else Path(weights)
-        state_dict = _read_checkpoint(path)
+        state_dict = read_state_dict(path)
         network = _new_network(num_classes or _classes_in(state_dict) or NUM_CLASSES, DEFAULT_SEED)
-        _load_into(network, state_dict, path.name)
+        check_fit(network, state_dict, path.name, NAME)
+        network.load_state_dict(state_dict, strict=True)
         network.eval()
         source = "coco" if weights == "coco" else path.name
-        digest = _sha256(path)
+        digest = sha256_of(path)
         extra["checkpoint_url"] = COCO_CHECKPOINT_URL if weights == "coco" else ""
     for parameter in network.parameters():
         parameter.requires_grad_(False)

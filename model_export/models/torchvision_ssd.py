@@ -13,7 +13,6 @@ or taken from it offline); a path -> a state_dict saved by torch (bare, or under
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import urllib.error
@@ -35,9 +34,11 @@ from torchvision.models.detection import (
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
 
+from model_export.checkpoints import check_fit, read_state_dict
 from model_export.errors import ExportError
 from model_export.models import ModelSource
 from model_export.spec import Detections, PostprocessOptions, SSDModel
+from model_export.weights import sha256_of
 
 RANDOM_SEED = 0
 STEM_DEAD_ZONE = 0.01  # random weights: first-layer responses below this (in its units) are cut to exactly 0
@@ -79,66 +80,6 @@ class TorchvisionSSDNetwork(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- weights
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _load_state_dict_file(path: Path, arch_name: str) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ExportError(f"weights file {path} does not exist")
-    try:
-        loaded = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - a damaged file makes the unpickler raise almost anything
-        detail = " ".join(str(exc).split())[:160]
-        raise ExportError(
-            f"weights file {path} is not a torch checkpoint that loads with weights_only=True "
-            f"({type(exc).__name__}{': ' + detail if detail else ''})"
-        ) from exc
-    if isinstance(loaded, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(loaded.get(key), dict):
-                loaded = loaded[key]
-                break
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ExportError(
-            f"weights file {path} holds no state_dict for {arch_name} "
-            "(expected a dict of tensors, bare or under 'model' / 'state_dict')"
-        )
-    if loaded and all(k.startswith("module.") for k in loaded):  # saved from DistributedDataParallel
-        loaded = {k[len("module.") :]: v for k, v in loaded.items()}
-    return loaded
-
-
-def _examples(names: list[str]) -> str:
-    shown = ", ".join(names[:3])
-    return f" (e.g. {shown}{', ...' if len(names) > 3 else ''})" if names else ""
-
-
-def _check_fit(detector: SSD, state: dict[str, torch.Tensor], source: str, arch_name: str) -> None:
-    expected = detector.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} {list(state[k].shape)} vs {list(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if not (missing or unexpected or mismatched):
-        return
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys{_examples(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys{_examples(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches (file vs model){_examples(mismatched)}")
-    raise ExportError(f"weights {source} do not fit {arch_name}: " + "; ".join(problems))
 
 
 def _num_classes_in(state: dict[str, torch.Tensor], arch: _Architecture) -> int | None:
@@ -315,7 +256,7 @@ def _construct_loaded(arch: _Architecture, num_classes: int, state: dict[str, to
     """A torchvision SSD holding `state` (built on the meta device: no time spent on a random init)."""
     with torch.device("meta"):
         detector = arch.factory(weights=None, weights_backbone=None, num_classes=num_classes)
-    _check_fit(detector, state, source, arch.name)
+    check_fit(detector, state, source, arch.name)
     expected = detector.state_dict()
     detector.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
     return detector.eval()
@@ -337,14 +278,14 @@ def _build(arch: _Architecture, weights: str | None, num_classes: int | None) ->
             raise ExportError(f"the COCO weights of {arch.name} have {coco_classes} classes, not {num_classes}")
         state, cached = _coco_state_dict(arch)
         detector = _construct_loaded(arch, coco_classes, state, cached.name)
-        sha256 = _sha256(cached)
+        sha256 = sha256_of(cached)
         weights_source = "coco"
     else:
         path = Path(weights)
-        state = _load_state_dict_file(path, arch.name)
+        state = read_state_dict(path)
         classes = num_classes or _num_classes_in(state, arch) or coco_classes
         detector = _construct_loaded(arch, classes, state, path.name)
-        sha256 = _sha256(path)
+        sha256 = sha256_of(path)
         weights_source = path.name
     for parameter in detector.parameters():
         parameter.requires_grad_(False)

@@ -23,10 +23,9 @@ from types import ModuleType
 from typing import Any
 
 from model_export.errors import ExportError
-from model_export.metadata import METADATA_KEY, ModelMetadata, sidecar_path
+from model_export.metadata import INPUT_NAME, METADATA_KEY, ModelMetadata, sidecar_path
 from model_export.tensorrt.device import Cuda
 from model_export.tensorrt.facts import (
-    INPUT_NAME,
     OUTPUTS,
     BatchProfile,
     BuildFacts,

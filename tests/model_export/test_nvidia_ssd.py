@@ -186,24 +186,24 @@ def test_torchvision_resnet50_weights_are_rejected_clearly(tmp_path: Path) -> No
     message = str(excinfo.value)
     assert "\n" not in message
     assert message.startswith("weights resnet50.pth do not fit ssd300_resnet50:")
-    assert "missing keys (e.g. feature_extractor.feature_extractor.0.weight)" in message
-    assert "unexpected keys (e.g. conv1.weight)" in message
+    assert "missing keys (e.g. feature_extractor.feature_extractor.0.weight, " in message
+    assert "unexpected keys (e.g. conv1.weight, " in message
 
 
 def test_missing_corrupt_and_foreign_files(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match="weights file not found: .*nowhere.pt"):
+    with pytest.raises(ExportError, match="weights file .*nowhere.pt does not exist"):
         nv.build(str(tmp_path / "nowhere.pt"))
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x80\x02 this is not a torch checkpoint" * 10)
-    with pytest.raises(ExportError, match=r"cannot read weights file .*corrupt.pt \(torch.load, weights_only=True\)"):
+    with pytest.raises(ExportError, match=r"cannot read weights file .*corrupt.pt: not a torch checkpoint that loads with weights_only=True"):
         nv.build(str(corrupt))
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(save(tmp_path / "whole.pt", {"model": randomised_state()}).read_bytes()[:100_000])
     with pytest.raises(ExportError, match="cannot read weights file .*truncated.pt"):
         nv.build(str(truncated))
-    with pytest.raises(ExportError, match="not an NVIDIA SSD300 checkpoint"):
+    with pytest.raises(ExportError, match="list.pt holds no state_dict of tensors"):
         nv.build(str(save(tmp_path / "list.pt", [1, 2, 3])))
-    with pytest.raises(ExportError, match="not a state_dict of tensors"):
+    with pytest.raises(ExportError, match="odd.pt holds no state_dict of tensors"):
         nv.build(str(save(tmp_path / "odd.pt", {"model": {"conf.0.weight": [1.0]}})))
 
 

@@ -219,7 +219,7 @@ def test_missing_weights_file(tmp_path: Path) -> None:
 def test_corrupt_weights_file(tmp_path: Path) -> None:
     path = tmp_path / "corrupt.pth"
     path.write_bytes(b"this is not a checkpoint" * 100)
-    with pytest.raises(ExportError, match=r"corrupt\.pth is not a torch checkpoint") as info:
+    with pytest.raises(ExportError, match=r"corrupt\.pth: not a torch checkpoint") as info:
         REGISTRY[LITE].build(str(path), None)
     assert "\n" not in str(info.value)
 
