@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng = p.add_argument_group("engine only")
     eng.add_argument("--model", type=Path, help="exported model (default weights/ssd_mobilenet_v1_coco.onnx)")
     eng.add_argument("--engine", default="onnxruntime", help="engine registry name (default onnxruntime)")
+    eng.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (engine-only, and the sweep's servers)")
     eng.add_argument("--batch-size", type=_positive_int_list, default=(1,), help="batch size(s), comma-separated")
     eng.add_argument("--decode", choices=(*DECODE_MODES, "all"), default="all",
                      help="none: pre-decoded; loop: decode then infer on one thread; pool: decode in a thread pool, "
@@ -112,7 +113,9 @@ def _main_engine(args: argparse.Namespace) -> int:
         return 2
     inputs = load_input_set(args.inputs, cache_dir=default_cache_dir() if args.input_cache else None)
     modes = DECODE_MODES if args.decode == "all" else (args.decode,)
-    engine = LoadedEngine(model, args.engine, threads=args.threads, max_batch_size=max(args.batch_size))
+    engine = LoadedEngine(
+        model, args.engine, threads=args.threads, max_batch_size=max(args.batch_size), device=args.device
+    )
     runs = []
     try:
         for batch in args.batch_size:
@@ -134,7 +137,7 @@ def _main_sweep(args: argparse.Namespace) -> int:
 
     config = SweepConfig(
         concurrencies=args.concurrency_list, duration_s=args.duration, warmup_s=args.warmup, model=args.model,
-        engine=args.engine, engine_duration_s=args.duration, decode_workers=args.decode_workers,
+        engine=args.engine, device=args.device, engine_duration_s=args.duration, decode_workers=args.decode_workers,
         large=not args.no_large, open_loop_fraction=None if args.no_open_loop else 0.7, pairs=args.pairs,
     )
     result = run_sweep(config, log=lambda msg: print(msg, flush=True))

@@ -52,7 +52,9 @@ class EngineRun:
 class LoadedEngine:
     """An engine from the server's registry plus the server's preprocess bound to the model's input size."""
 
-    def __init__(self, model: Path, engine: str = "onnxruntime", threads: int = 0, max_batch_size: int = 32) -> None:
+    def __init__(
+        self, model: Path, engine: str = "onnxruntime", threads: int = 0, max_batch_size: int = 32, device: str = "cpu"
+    ) -> None:
         from server.engines import ENGINES
         from server.engines.base import EngineOptions
 
@@ -61,7 +63,8 @@ class LoadedEngine:
         self.name = engine
         self.model = model
         self._engine = ENGINES[engine]()
-        self.metadata = self._engine.load(model, EngineOptions(intra_op_threads=threads, max_batch_size=max_batch_size))
+        options = EngineOptions(device=device, intra_op_threads=threads, max_batch_size=max_batch_size)
+        self.metadata = self._engine.load(model, options)
         self.preprocess: Preprocess = _server_preprocess(self.metadata.input_size)
 
     def infer(self, batch: np.ndarray) -> object:

@@ -47,6 +47,7 @@ class SweepConfig:
     settings: tuple[str, ...] = ("batching_off", "batching_on")
     model: Path | None = None  # None: the server's default model (built on first start)
     engine: str = "onnxruntime"
+    device: str = "cpu"  # servers and the engine-only ceiling run the same engine on the same device
     engine_duration_s: float = 5.0
     decode_workers: int = 0  # 0: as the server (one per core, at most 8)
     pairs: int = 3  # interleaved server / engine-only rounds for the ratios (0: none)
@@ -74,7 +75,7 @@ def run_sweep(config: SweepConfig, log: Log = print) -> dict[str, Any]:
         "machine": machine_info(),
         "config": {
             "concurrencies": list(config.concurrencies), "duration_s": config.duration_s, "warmup_s": config.warmup_s,
-            "request_timeout_s": config.request_timeout_s, "engine": config.engine,
+            "request_timeout_s": config.request_timeout_s, "engine": config.engine, "device": config.device,
             "engine_duration_s": config.engine_duration_s, "decode_workers": config.decode_workers,
             "pairs": config.pairs, "model": str(config.model or DEFAULT_MODEL),
         },
@@ -91,7 +92,12 @@ def run_sweep(config: SweepConfig, log: Log = print) -> dict[str, Any]:
             setting = SETTINGS[name]
             # At high concurrency on a small CPU a request can queue longer than the server's default 10 s
             # timeout; the sweep measures latency there, so it raises that timeout (and records it).
-            env: dict[str, Any] = {**setting["env"], "request_timeout_ms": int(config.request_timeout_s * 1000)}
+            env: dict[str, Any] = {
+                **setting["env"],
+                "request_timeout_ms": int(config.request_timeout_s * 1000),
+                "engine": config.engine,
+                "device": config.device,
+            }
             if config.decode_workers:
                 env["decode_workers"] = config.decode_workers
             env.update(config.extra_env)
@@ -200,7 +206,7 @@ def _load_engine(result: dict[str, Any], config: SweepConfig) -> LoadedEngine:
     path = Path(served) if served else (config.model or DEFAULT_MODEL)
     path = path if path.is_absolute() else REPO_ROOT / path
     result["config"]["model"] = str(path)
-    return LoadedEngine(path, config.engine, max_batch_size=MAX_BATCH)
+    return LoadedEngine(path, config.engine, max_batch_size=MAX_BATCH, device=config.device)
 
 
 def _model_info(url: str) -> dict[str, Any] | None:
