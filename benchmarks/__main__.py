@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--threads", type=int, default=0, help="engine intra-op threads (0: runtime default)")
     eng.add_argument("--decode-workers", type=int, default=0,
                      help="pool decode threads (default 0: as the server, one per CPU core, at most 8)")
+    eng.add_argument("--jpeg-draft", action="store_true",
+                     help="decode large JPEGs at a reduced DCT scale, as the server's opt-in SSD_JPEG_DRAFT")
 
     sw = p.add_argument_group("sweep")
     sw.add_argument("--concurrency-list", type=_positive_int_list, default=(1, 2, 4, 8, 16, 32, 64, 128))
@@ -114,7 +116,8 @@ def _main_engine(args: argparse.Namespace) -> int:
     inputs = load_input_set(args.inputs, cache_dir=default_cache_dir() if args.input_cache else None)
     modes = DECODE_MODES if args.decode == "all" else (args.decode,)
     engine = LoadedEngine(
-        model, args.engine, threads=args.threads, max_batch_size=max(args.batch_size), device=args.device
+        model, args.engine, threads=args.threads, max_batch_size=max(args.batch_size), device=args.device,
+        jpeg_draft=args.jpeg_draft,
     )
     runs = []
     try:

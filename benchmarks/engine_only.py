@@ -53,7 +53,13 @@ class LoadedEngine:
     """An engine from the server's registry plus the server's preprocess bound to the model's input size."""
 
     def __init__(
-        self, model: Path, engine: str = "onnxruntime", threads: int = 0, max_batch_size: int = 32, device: str = "cpu"
+        self,
+        model: Path,
+        engine: str = "onnxruntime",
+        threads: int = 0,
+        max_batch_size: int = 32,
+        device: str = "cpu",
+        jpeg_draft: bool = False,
     ) -> None:
         from server.engines import ENGINES
         from server.engines.base import EngineOptions
@@ -65,7 +71,7 @@ class LoadedEngine:
         self._engine = ENGINES[engine]()
         options = EngineOptions(device=device, intra_op_threads=threads, max_batch_size=max_batch_size)
         self.metadata = self._engine.load(model, options)
-        self.preprocess: Preprocess = _server_preprocess(self.metadata.input_size)
+        self.preprocess: Preprocess = _server_preprocess(self.metadata.input_size, jpeg_draft)
 
     def infer(self, batch: np.ndarray) -> object:
         return self._engine.infer(batch)
@@ -79,12 +85,12 @@ def default_decode_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def _server_preprocess(input_size: tuple[int, int]) -> Preprocess:
-    """The server's decode + EXIF + RGB + resize, as a bytes -> array function."""
+def _server_preprocess(input_size: tuple[int, int], jpeg_draft: bool = False) -> Preprocess:
+    """The server's decode + EXIF + RGB + resize, as a bytes -> array function (jpeg_draft: as SSD_JPEG_DRAFT)."""
     from server import preprocess as pp
 
     def run(data: bytes) -> np.ndarray:
-        return pp.preprocess(data, input_size).pixels
+        return pp.preprocess(data, input_size, jpeg_draft=jpeg_draft).pixels
 
     return run
 

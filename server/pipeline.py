@@ -173,7 +173,13 @@ class Pipeline:
         metadata, _ = self.ready()
         check_content_type(upload.content_type)
         loop = asyncio.get_running_loop()
-        job = functools.partial(preprocess, upload.data, metadata.input_size, max_pixels=self.settings.max_image_pixels)
+        job = functools.partial(
+            preprocess,
+            upload.data,
+            metadata.input_size,
+            max_pixels=self.settings.max_image_pixels,
+            jpeg_draft=self.settings.jpeg_draft,
+        )
         prepared = await loop.run_in_executor(self._decode_pool, job)
         self.metrics.decode_duration.observe(prepared.decode_s)
         return prepared

@@ -7,6 +7,9 @@ data (400), more pixels than allowed (413, checked from the header before any pi
 The resize is the filter the exported models are validated with: torch's
 `F.interpolate(x.float(), size, mode="bilinear", align_corners=False, antialias=False)` rounded to uint8,
 reproduced here in numpy, bit for bit (see `resize_bilinear`), so the server needs no torch.
+
+Opt-in (`jpeg_draft`, setting SSD_JPEG_DRAFT): a large JPEG is decoded at a reduced DCT scale first, which is
+faster but antialiased, so it is not the validated filter; its accuracy effect is measured in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -71,6 +74,18 @@ def check_content_type(content_type: str | None) -> None:
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """bytes -> a loaded PIL image with its EXIF orientation applied (first frame of an animation)."""
+    image, _ = _decode(data, max_pixels=max_pixels, draft_for=None)
+    return image
+
+
+def _decode(
+    data: bytes, *, max_pixels: int, draft_for: tuple[int, int] | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """`decode`, plus the original (width, height) after EXIF orientation.
+
+    draft_for: the model's input (height, width) to let a large JPEG decode at a reduced DCT scale (1/2, 1/4,
+    1/8) that keeps both sides >= 2x it; None decodes every pixel. The returned size is the original's either way.
+    """
     if not data:
         raise EmptyBody("the request carries no image data")
     try:
@@ -87,11 +102,32 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.
     if width * height > max_pixels:
         raise ImageTooLarge(f"the image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     try:
+        drafted = draft_for is not None and image.format == "JPEG" and _draft(image, draft_for)
         image.load()
+        stored = image.size  # the drafted size, before orientation
         ImageOps.exif_transpose(image, in_place=True)
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
         raise InvalidImage(f"cannot decode the image: {exc}") from None
-    return image
+    if not drafted:
+        return image, image.size
+    if image.size != stored:  # a quarter turn (orientations 5-8) swapped the sides
+        width, height = height, width
+    return image, (width, height)
+
+
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+
+
+def _draft(image: Image.Image, input_size: tuple[int, int]) -> bool:
+    """Ask libjpeg for the smallest DCT scale whose output keeps both sides >= 2x the model input (displayed
+    orientation); a JPEG smaller than that is left alone. Antialiased: moves boxes a little (see BENCHMARKS.md)."""
+    in_height, in_width = input_size
+    want = (2 * in_width, 2 * in_height)  # (width, height) as displayed
+    if image.getexif().get(0x0112) in _QUARTER_TURNS:  # stored sideways: the stored width is the displayed height
+        want = (want[1], want[0])
+    if min(image.size[0] // want[0], image.size[1] // want[1]) < 2:
+        return False
+    return image.draft("RGB", want) is not None
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -105,12 +141,20 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 
 
 def preprocess(
-    data: bytes, input_size: tuple[int, int], *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    data: bytes,
+    input_size: tuple[int, int],
+    *,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    jpeg_draft: bool = False,
 ) -> PreparedImage:
-    """The whole path from request bytes to the batcher's input."""
+    """The whole path from request bytes to the batcher's input.
+
+    jpeg_draft: opt-in speed for large JPEGs: decode at a reduced DCT scale (>= 2x the input on both sides) before
+    the resize. That is antialiased, so pixels and detections differ slightly from the exact path; width and
+    height stay the original image's, so boxes are still in original pixels.
+    """
     start = time.perf_counter()
-    image = decode(data, max_pixels=max_pixels)
-    width, height = image.size
+    image, (width, height) = _decode(data, max_pixels=max_pixels, draft_for=input_size if jpeg_draft else None)
     pixels = resize_bilinear(to_rgb(image), input_size)
     return PreparedImage(pixels=pixels, width=width, height=height, decode_s=time.perf_counter() - start)
 

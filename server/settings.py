@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, ge=1, description="most images in one /detect/batch request")
     intra_op_threads: int = Field(0, ge=0, description="engine threads (0: the runtime's default)")
     decode_workers: int = Field(0, ge=0, description="image decode threads (0: one per CPU core, at most 8)")
+    jpeg_draft: bool = Field(
+        False,
+        description="trade accuracy for speed on large JPEGs: decode at a reduced DCT scale (1/2, 1/4, 1/8; both "
+        "sides kept >= 2x the model input) before the resize; antialiased, so boxes and scores move slightly "
+        "(measured in BENCHMARKS.md); off: every pixel decoded, the validated filter",
+    )
     warmup: bool = Field(True, description="run batches of 1, 2, 4, ... max_batch_size once before reporting ready")
 
     weights_mirror: str | None = Field(

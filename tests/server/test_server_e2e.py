@@ -414,6 +414,34 @@ def test_graceful_shutdown_exits_cleanly(strict_server: ServerProcess) -> None:
     assert "Application shutdown complete" in strict_server.log()
 
 
+# ----------------------------------------------------------------------------------- opt-in JPEG draft
+
+
+def test_jpeg_draft_server_still_finds_the_golden_cats_and_dog(server_factory: Callable[..., ServerProcess]) -> None:
+    """SSD_JPEG_DRAFT=1 on a 4000x2000 copy of cats_and_dogs.jpg (decoded at 1/2): the size is the original's and
+    the golden cats and dog are still found, boxes in original pixels (loose: the draft path is antialiased)."""
+    golden = json.loads(GOLDEN.read_text())
+    scale = 4000 / golden["image_size"]["width"]
+    out = io.BytesIO()
+    with Image.open(CATS) as image:
+        image.convert("RGB").resize((4000, 2000), Image.Resampling.BICUBIC).save(out, format="JPEG", quality=90)
+    server = server_factory({"jpeg_draft": 1, "warmup": "false", "max_batch_size": 1})
+    with httpx.Client(base_url=server.url, timeout=120.0) as client:
+        body = detect(client, out.getvalue(), score_threshold=0.3).json()
+    assert (body["width"], body["height"]) == (4000, 2000)
+    for expected in golden["detections"]:
+        x, y, w, h = (v * scale for v in expected["box_xywh"])
+        edges = (x, y, min(x + w, 4000), min(y + h, 2000))
+        matches = [
+            d
+            for d in body["detections"]
+            if d["class_id"] == expected["class_index"]
+            and max(abs(a - b) for a, b in zip((d["box"]["x1"], d["box"]["y1"], d["box"]["x2"], d["box"]["y2"]), edges))
+            <= 40 * scale
+        ]
+        assert matches, f"no detection >= 0.3 matches {expected} (x{scale:.2f}): {body['detections']}"
+
+
 # ------------------------------------------------------------------------------------------ start-up
 
 

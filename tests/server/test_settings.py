@@ -96,3 +96,13 @@ def test_batching_off_is_valid() -> None:
 def test_cli_reports_bad_settings_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--max-batch-size", "0"]) == 2
     assert "max_batch_size" in capsys.readouterr().err
+
+
+def test_jpeg_draft_is_off_by_default_and_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().jpeg_draft is False
+    monkeypatch.setenv("SSD_JPEG_DRAFT", "1")
+    assert Settings().jpeg_draft is True
+    assert load_settings(["--no-jpeg-draft"]).jpeg_draft is False
+    monkeypatch.delenv("SSD_JPEG_DRAFT")
+    assert load_settings(["--jpeg-draft"]).jpeg_draft is True
+    assert "BENCHMARKS.md" in (Settings.model_fields["jpeg_draft"].description or "")
