@@ -40,6 +40,10 @@ CACHE=${MODEL_CACHE_DIR:-/cache}
 ENGINE=${SSD_ENGINE:-onnxruntime}
 TRT_PRECISION=${TRT_PRECISION:-fp16}
 TRT_MAX_BATCH=${TRT_MAX_BATCH:-${SSD_MAX_BATCH_SIZE:-64}}
+# The exporter's --numerics: TensorRT needs the float network (a quantised TFLite model's default, integer, is
+# uint8 arithmetic that only ONNX Runtime runs); empty = the model's own.
+NUMERICS=${MODEL_NUMERICS:-}
+if [[ $ENGINE == tensorrt && -z $NUMERICS ]]; then NUMERICS=float; fi
 # Where the exporter's weight fetch (model_export.weights, manifest models) and torch.hub (torchvision / NVIDIA
 # checkpoints) keep downloaded weights: inside the cache volume, so a restart downloads nothing.
 export SSD_WEIGHTS_DIR=${SSD_WEIGHTS_DIR:-$CACHE/weights}
@@ -62,6 +66,7 @@ export_onnx() {
     local out=$1 tmp
     local -a exporter=(-m model_export --model "$MODEL_NAME" --max-batch "$TRT_MAX_BATCH")
     [[ $MODEL_WEIGHTS == none ]] || exporter+=(--weights "$MODEL_WEIGHTS")
+    [[ -z $NUMERICS ]] || exporter+=(--numerics "$NUMERICS")
     "$PYTHON" -c "import model_export.cli" 2>/dev/null \
         || die "no exported model at $out and the exporter is not installed in this image (built without the 'export' extra); mount an exported .onnx and set SSD_MODEL to it"
     mkdir -p "$(dirname "$out")" "$SSD_WEIGHTS_DIR"
@@ -110,7 +115,7 @@ elif [[ $model == *.engine || $model == *.plan ]]; then
     die "SSD_MODEL=$model does not exist; unset SSD_MODEL to have the entrypoint export and build the engine"
 else
     if [[ -n $model ]]; then log "SSD_MODEL=$model does not exist yet; exporting $MODEL_NAME there"; fi
-    onnx=${model:-$CACHE/onnx/$(slug "$MODEL_NAME")-$(slug "$(basename "$MODEL_WEIGHTS")").onnx}
+    onnx=${model:-$CACHE/onnx/$(slug "$MODEL_NAME")-$(slug "$(basename "$MODEL_WEIGHTS")")${NUMERICS:+-$NUMERICS}.onnx}
     if [[ -f $onnx ]]; then
         log "reusing the exported model $onnx"
     else

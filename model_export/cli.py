@@ -30,6 +30,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", help="checkpoint PATH, or 'coco' for the official COCO weights; none = random")
     p.add_argument("--num-classes", type=int, help="classes including background (random or custom weights)")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch the file is meant for (default 64)")
+    p.add_argument(
+        "--numerics",
+        choices=["float", "integer"],
+        help="integer: a quantised TFLite file's own uint8 arithmetic (QDQ, ONNX Runtime); float: for TensorRT. "
+        "Default: the model's own",
+    )
     p.add_argument("--score-threshold", type=float, default=defaults.score_threshold)
     p.add_argument("--iou-threshold", type=float, default=defaults.iou_threshold)
     p.add_argument("--candidates-per-class", type=int, default=defaults.candidates_per_class)
@@ -72,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
     if args.weights is None:
         print(RANDOM_WEIGHTS_WARNING.format(model=args.model), file=sys.stderr, flush=True)
     with step(f"build {args.model} ({args.weights or 'random weights'})"):
-        model = source.build(args.weights, args.num_classes)
+        model = source.build(args.weights, args.num_classes, args.numerics)
         model = model.with_extra(max_batch=str(args.max_batch))
     with step(f"export ONNX opset {args.opset} -> {args.out}"):
         export_onnx(model, options, args.out, opset=args.opset)

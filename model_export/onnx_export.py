@@ -80,6 +80,9 @@ def export_onnx(
                 output_names=list(OUTPUT_NAMES),
                 dynamic_axes=dynamic,
                 do_constant_folding=True,
+                # Our autograd Functions all have a `symbolic`: no need to trace their eager bodies (which
+                # the TorchScript peephole pass can trip over, e.g. on the integer conv's `- 0`).
+                autograd_inlining=False,
             )
         proto = onnx.load(str(tmp))
         proto.doc_string = f"ssd-serve export of {model.name}"

@@ -44,6 +44,29 @@ def decode_boxes(
     return boxes.clamp(0.0, 1.0)
 
 
+class _TopK(torch.autograd.Function):
+    """The k largest along the last axis, in descending order, equal values in ascending index order.
+
+    That tie rule is ONNX TopK's, and ONNX Runtime's NMS visits equal scores the same way; `torch.topk` leaves
+    ties unspecified. Ties are common with quantised networks, whose scores take few distinct values.
+    """
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        values, index = x.sort(dim=-1, descending=True, stable=True)
+        return values[..., :k], index[..., :k]
+
+    @staticmethod
+    def symbolic(g, x, k):  # type: ignore[no-untyped-def]
+        one = g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64))
+        # k: a Python int, or a traced value where it derives from a dynamic shape
+        if isinstance(k, int):
+            k = g.op("Constant", value_t=torch.tensor([k], dtype=torch.int64))
+        else:
+            k = g.op("Reshape", k, one)
+        return g.op("TopK", x, k, axis_i=-1, outputs=2)
+
+
 class _BatchedNMS(torch.autograd.Function):
     """NMS over G independent groups; returns ONNX-style selected indices [M, 3] = (group, 0, index).
 
@@ -116,7 +139,7 @@ class SSDPostprocess(nn.Module):
         num_classes, num_anchors = scores.shape[1], scores.shape[2]
 
         per_class = min(opts.candidates_per_class, num_anchors)  # T
-        cand_scores, cand_index = scores.topk(per_class, dim=2)  # [B, K, T]
+        cand_scores, cand_index = _TopK.apply(scores, per_class)  # [B, K, T]
         cand_boxes = boxes.gather(1, cand_index.reshape(batch, -1, 1).expand(-1, -1, 4))  # [B, K*T, 4]
 
         selected = _BatchedNMS.apply(
@@ -131,7 +154,7 @@ class SSDPostprocess(nn.Module):
         ranked = torch.where(kept > 0, cand_scores.reshape(-1), -1.0).reshape(batch, -1)  # [B, K*T]
 
         top = min(opts.max_detections, num_classes * per_class)
-        top_scores, top_index = ranked.topk(top, dim=1)  # [B, D]
+        top_scores, top_index = _TopK.apply(ranked, top)  # [B, D]
         valid = top_scores >= 0  # [B, D]
         out_boxes = cand_boxes.gather(1, top_index.unsqueeze(2).expand(-1, -1, 4))  # [B, D, 4]
         out_classes = self.class_ids[torch.div(top_index, per_class, rounding_mode="floor")]  # [B, D]

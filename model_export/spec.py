@@ -14,6 +14,10 @@ import torch
 from torch import nn
 
 ScoreActivation = Literal["softmax", "sigmoid"]
+# How the network computes: "float", or "integer" (a quantised file's own uint8 arithmetic, bit for bit;
+# model_export.tflite.ops). None, where a builder takes it, means the source's own: integer for a quantised
+# TFLite file whose operators all have an integer form, float for everything else.
+Numerics = Literal["float", "integer"]
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from model_export.spec import Detections, PostprocessOptions, SSDModel
+from model_export.errors import ExportError
+from model_export.spec import Detections, Numerics, PostprocessOptions, SSDModel
 
-# weights: None (random init), "coco" (official weights through torchvision's API), or a file path.
-Builder = Callable[[str | None, int | None], SSDModel]
+# weights: None (random init), "coco" (official weights through torchvision's API), or a file path;
+# num_classes: None = the weights' own; numerics: None = the source's own (see spec.Numerics).
+Builder = Callable[[str | None, int | None, Numerics | None], SSDModel]
 # Reference post-processing on the same uint8 NHWC batch: one Detections per image.
 Reference = Callable[[SSDModel, torch.Tensor, PostprocessOptions], list[Detections]]
 
@@ -27,6 +29,12 @@ class ModelSource:
 
 
 REGISTRY: dict[str, ModelSource] = {}
+
+
+def require_float(model: str, numerics: Numerics | None) -> None:
+    """For the sources whose networks are float: integer numerics need a quantised file."""
+    if numerics not in (None, "float"):
+        raise ExportError(f"{model} is a float model; --numerics {numerics} needs a quantised TFLite file")
 
 
 def _collect() -> None:

@@ -50,8 +50,8 @@ from torchvision.ops import nms
 
 from model_export.checkpoints import check_fit, read_state_dict
 from model_export.errors import ExportError
-from model_export.models import ModelSource
-from model_export.spec import Detections, PostprocessOptions, SSDModel
+from model_export.models import ModelSource, require_float
+from model_export.spec import Detections, Numerics, PostprocessOptions, SSDModel
 from model_export.weights import sha256_of
 
 NAME = "ssd300_resnet50"
@@ -343,12 +343,13 @@ def _new_network(num_classes: int, seed: int) -> SSD300ResNet50:
         return SSD300ResNet50(num_classes)
 
 
-def build(weights: str | None, num_classes: int | None = None) -> SSDModel:
+def build(weights: str | None, num_classes: int | None = None, numerics: Numerics | None = None) -> SSDModel:
     """weights: None (seeded random init), "coco" (their published checkpoint) or a checkpoint path.
 
     num_classes (background included): None = 81, or what a checkpoint file's heads say; their COCO
     checkpoint has 81.
     """
+    require_float(NAME, numerics)
     extra = {"source": "NVIDIA DeepLearningExamples SSD300 v1.1 (torch.hub nvidia_ssd)"}
     if weights is None:
         network = _new_network(num_classes or NUM_CLASSES, DEFAULT_SEED).eval()

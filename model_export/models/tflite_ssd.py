@@ -1,4 +1,4 @@
-"""SSD from a TF Object Detection API TFLite export (ssd_mobilenet_v1_coco and kin) as a float PyTorch SSD.
+"""SSD from a TF Object Detection API TFLite export (ssd_mobilenet_v1_coco and kin) as a PyTorch SSD.
 
 The file is read generically (`model_export.tflite`): the network is the file's own operator list up to
 the inputs of its `TFLite_Detection_PostProcess` custom op, whose other inputs and options give the rest:
@@ -10,8 +10,10 @@ the inputs of its `TFLite_Detection_PostProcess` custom op, whose other inputs a
 - scores: the producer of the op's score input (LOGISTIC -> sigmoid, SOFTMAX -> softmax), whose input is
   the logits; column j + label_offset is class id j of labelmap.txt ('???' ids are never returned);
 - normalisation: the input's uint8 quantisation (real = scale * (q - zero_point)) as mean / std;
-- numerics: float, with each quantised tensor's range kept as a clamp (default; matches LiteRT to the
-  tolerances in the tests), or `numerics="fake_quant"` to also round activations to their uint8 grids.
+- numerics: "integer" (the default for a uint8 file whose operators all have an integer form) computes
+  LiteRT's uint8 arithmetic bit for bit and exports as QuantizeLinear / DequantizeLinear, which ONNX Runtime
+  runs as integer QLinearConv; "float" (for TensorRT, or a file with other operators) computes in float
+  with each quantised tensor's range kept as a clamp. See `model_export.tflite.ops`.
 
 The reference is LiteRT running the same file (`SSDModel.reference` is None); see the tests.
 """
@@ -28,8 +30,8 @@ from torch import nn
 
 from model_export.errors import ExportError
 from model_export.models import ModelSource
-from model_export.spec import SSDModel
-from model_export.tflite.ops import Numerics, TFLiteNetwork, build_network
+from model_export.spec import Numerics, SSDModel
+from model_export.tflite.ops import TFLiteNetwork, build_network
 from model_export.tflite.reader import Graph, embedded_files, read_tflite
 
 NAME = "ssd_mobilenet_v1_coco"
@@ -39,7 +41,6 @@ UNUSED_LABEL = "???"
 # The file's box encodings are (ty, tx, th, tw); the contract wants (dx, dy, dw, dh).
 _YXHW_TO_XYWH = np.array([1, 0, 3, 2])
 _SCORE_ACTIVATIONS = {"LOGISTIC": "sigmoid", "SOFTMAX": "softmax"}
-DEFAULT_NUMERICS: Numerics = "float"
 
 
 class TFLiteSSDNetwork(nn.Module):
@@ -129,9 +130,9 @@ def _coder_scales(options: dict[str, object], op_index: int) -> tuple[float, flo
 
 
 def import_tflite_ssd(
-    path: Path, name: str = NAME, weights_source: str | None = None, numerics: Numerics = DEFAULT_NUMERICS
+    path: Path, name: str = NAME, weights_source: str | None = None, numerics: Numerics | None = None
 ) -> SSDModel:
-    """Build the float SSD described by a TF OD API TFLite export (`numerics`: see `build_network`)."""
+    """Build the SSD described by a TF OD API TFLite export (`numerics`: see the module docstring)."""
     graph = read_tflite(path)
     posts = graph.find(POSTPROCESS_OP)
     if len(posts) != 1:
@@ -174,7 +175,14 @@ def import_tflite_ssd(
     mean, std = float(q.zero_point[0]), 1.0 / float(q.scale[0])  # real = (pixel - mean) / std
 
     perms = _box_channel_perms(graph, box_tensor)
-    network = build_network(graph, [box_tensor, logit_tensor], perms or {}, numerics)
+    heads = [box_tensor, logit_tensor]
+    if numerics is None:
+        try:
+            network, numerics = build_network(graph, heads, perms or {}, "integer"), "integer"
+        except ExportError:  # an operator or tensor with no integer form: the float network is the file's best
+            network, numerics = build_network(graph, heads, perms or {}, "float"), "float"
+    else:
+        network = build_network(graph, heads, perms or {}, numerics)
     data = path.read_bytes()
     return SSDModel(
         name=name,
@@ -199,7 +207,7 @@ def import_tflite_ssd(
     )
 
 
-def build(weights: str | None, num_classes: int | None) -> SSDModel:
+def build(weights: str | None, num_classes: int | None, numerics: Numerics | None = None) -> SSDModel:
     """`weights`: a .tflite path (labelmap.txt beside it) or "coco" (fetched through weights/manifest.json)."""
     if weights is None:
         raise ExportError(f"{NAME} has no random initialisation: pass --weights coco or a .tflite file")
@@ -215,7 +223,7 @@ def build(weights: str | None, num_classes: int | None) -> SSDModel:
         if not path.is_file():
             raise ExportError(f"weights file not found: {weights}")
         source = path.name
-    model = import_tflite_ssd(path, NAME, source)
+    model = import_tflite_ssd(path, NAME, source, numerics)
     columns = max(model.score_columns) + 1  # score columns, background included (the CLI's --num-classes)
     if num_classes is not None and num_classes != columns:
         raise ExportError(
@@ -229,6 +237,6 @@ SOURCES = {
     NAME: ModelSource(
         build=build,
         reference=None,  # LiteRT on the same file is the reference (tests/model_export/test_tflite_ssd.py)
-        description="SSD MobileNet v1 COCO (TF OD API, uint8 TFLite) imported as a float network",
+        description="SSD MobileNet v1 COCO (TF OD API, uint8 TFLite): LiteRT's integer arithmetic, or float",
     )
 }

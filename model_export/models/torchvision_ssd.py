@@ -36,8 +36,8 @@ from torchvision.models.detection.ssd import SSD
 
 from model_export.checkpoints import check_fit, read_state_dict
 from model_export.errors import ExportError
-from model_export.models import ModelSource
-from model_export.spec import Detections, PostprocessOptions, SSDModel
+from model_export.models import ModelSource, require_float
+from model_export.spec import Detections, Numerics, PostprocessOptions, SSDModel
 from model_export.weights import sha256_of
 
 RANDOM_SEED = 0
@@ -262,7 +262,10 @@ def _construct_loaded(arch: _Architecture, num_classes: int, state: dict[str, to
     return detector.eval()
 
 
-def _build(arch: _Architecture, weights: str | None, num_classes: int | None) -> SSDModel:
+def _build(
+    arch: _Architecture, weights: str | None, num_classes: int | None, numerics: Numerics | None = None
+) -> SSDModel:
+    require_float(arch.name, numerics)
     if num_classes is not None and num_classes < 2:
         raise ExportError(f"--num-classes counts the background too: it must be at least 2, not {num_classes}")
     coco_classes = len(arch.coco_weights.meta["categories"])  # 91

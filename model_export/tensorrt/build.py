@@ -88,6 +88,12 @@ def inspect_onnx(path: Path) -> OnnxFacts:
     except (ValueError, TypeError, KeyError) as exc:
         raise ExportError(f"{path}: unreadable {METADATA_KEY!r} metadata ({exc})") from exc
 
+    if metadata.extra.get("numerics") == "integer":
+        # uint8 QuantizeLinear with a non-zero zero point: TensorRT's explicit quantisation is symmetric int8.
+        raise ExportError(
+            f"{path} computes in uint8 (--numerics integer), which TensorRT cannot run; "
+            f"re-export it with --numerics float"
+        )
     initializers = {init.name for init in model.graph.initializer}
     inputs = [value for value in model.graph.input if value.name not in initializers]
     if [value.name for value in inputs] != [INPUT_NAME]:

@@ -1,13 +1,18 @@
-"""TFLite operators as float PyTorch modules, and the interpreter that wires a file's own operator list.
+"""TFLite operators as PyTorch modules, and the interpreter that wires a file's own operator list.
 
-Numerics: a quantised TFLite kernel computes the float op on dequantised values, rounds to the output's
-uint8 grid and saturates at the grid's ends. numerics="float" (the default) keeps the float op and the
-saturation (a clamp to the output tensor's representable range, exactly what TF's FakeQuant nodes did in
-training) and drops only the rounding. The clamp matters: TOCO folds ReLU6 into the output range (the
-backbone convs of ssd_mobilenet_v1 have no fused activation, only a [0, 6] uint8 range), and the class-logit
-ranges cap the scores. numerics="fake_quant" also rounds every quantised activation to its grid (Round,
-Clip, Mul in the graph), which tracks LiteRT's integer kernels to about a fifth of a step instead of about
-one. Clamps / rounding that the input already satisfies (RESHAPE, CONCATENATION on a shared grid) are omitted.
+Numerics, two modes:
+
+- "float": each op in float on dequantised values. The saturation of a quantised tensor is kept as a clamp
+  to its representable range (exactly what TF's FakeQuant nodes did in training); its rounding is dropped.
+  The clamp matters: TOCO folds ReLU6 into the output range (the backbone convs of ssd_mobilenet_v1 have no
+  fused activation, only a [0, 6] uint8 range), and the class-logit ranges cap the scores. Runs anywhere
+  (TensorRT included); LiteRT's uint8 values are tracked to about one step.
+- "integer": LiteRT's uint8 arithmetic, bit for bit. A conv accumulates (q - zero_point) products exactly
+  in int32 and requantises as LiteRT's XNNPACK kernels do, float32(acc) * float32(s_in * s_w / s_out)
+  rounded half to even; a requantising CONCATENATION / RESHAPE uses TFLite's own formula, as a 256-entry
+  table. In ONNX a conv is QuantizeLinear / DequantizeLinear around a float Conv, which ONNX Runtime fuses
+  into an integer QLinearConv: the same arithmetic, at int8 speed. Activations travel between ops as
+  their dequantised float values, so every other op and the post-processing see ordinary floats.
 
 Layout: the graph runs NCHW internally (PyTorch's convs); 4-D tensors are tagged "nchw" or "nhwc" and
 converted only where an op's semantics depend on it (RESHAPE/SQUEEZE and axis-based ops see NHWC, as TFLite).
@@ -26,11 +31,11 @@ import torch.nn.functional as F  # noqa: N812 (torch's convention)
 from torch import nn
 
 from model_export.errors import ExportError
+from model_export.spec import Numerics
 from model_export.tflite.reader import Graph, Operator
 
 Layout = Literal["nchw", "nhwc"]
 Range = tuple[float, float]  # (lo, hi); +-inf where unbounded
-Numerics = Literal["float", "fake_quant"]
 _UNBOUNDED: Range = (-math.inf, math.inf)
 # ActivationFunctionType -> value range of the fused activation (TANH / SIGN_BIT are not used by SSDs).
 _FUSED: dict[int, Range] = {0: _UNBOUNDED, 1: (0.0, math.inf), 2: (-1.0, 1.0), 3: (0.0, 6.0)}
@@ -47,11 +52,10 @@ def _to_nhwc(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Known:
-    """What is known of a tensor's values: bounds, and the grid they lie on (None: anywhere)."""
+    """What is known of a tensor's values: their bounds."""
 
     lo: float = -math.inf
     hi: float = math.inf
-    step: float | None = None
 
 
 _ANY = Known()
@@ -59,20 +63,16 @@ _ANY = Known()
 
 @dataclass(frozen=True)
 class OutputQuant:
-    """What an op's output goes through: a clamp to [lo, hi] and, in fake-quant mode, rounding to a grid."""
+    """The clamp an op's output goes through (float numerics)."""
 
     lo: float
     hi: float
-    step: float | None = None  # grid spacing (the output tensor's scale); None: no rounding
 
 
 def _finish(x: torch.Tensor, spec: OutputQuant | None) -> torch.Tensor:
     if spec is None:
         return x
     lo, hi = spec.lo, spec.hi
-    if spec.step is not None:  # real = step * q, q an integer in [lo / step, hi / step]
-        q = torch.round(x * (1.0 / spec.step)).clamp(round(lo / spec.step), round(hi / spec.step))
-        return q * spec.step
     if lo == 0.0 and hi == math.inf:
         return F.relu(x)
     return x.clamp(min=None if lo == -math.inf else lo, max=None if hi == math.inf else hi)
@@ -216,19 +216,15 @@ class _Context:
         return None
 
     def output_quant(self, op: Operator, fused: Range, known: Known = _ANY) -> tuple[OutputQuant | None, Known]:
-        """The clamp (and in fake-quant mode the rounding) an op's output needs: fused activation ∩ the output
-        tensor's quantised range, on its grid. None where the input already satisfies it (e.g. RESHAPE)."""
+        """The clamp an op's output needs: fused activation ∩ the output tensor's quantised range. None where
+        the input already satisfies it (e.g. RESHAPE)."""
         lo, hi = fused
-        out = self.graph.tensors[op.outputs[0]]
-        q = out.real_range()
-        step = None
+        q = self.graph.tensors[op.outputs[0]].real_range()
         if q is not None:
             lo, hi = max(lo, q[0]), min(hi, q[1])
-            if self.numerics == "fake_quant" and out.quantization is not None:
-                step = float(out.quantization.scale[0])
-        if known.lo >= lo and known.hi <= hi and (step is None or known.step == step):
+        if known.lo >= lo and known.hi <= hi:
             return None, known
-        return OutputQuant(lo, hi, step), Known(max(lo, known.lo), min(hi, known.hi), step)
+        return OutputQuant(lo, hi), Known(max(lo, known.lo), min(hi, known.hi))
 
     def fused(self, op: Operator) -> Range:
         code = int(op.options.get("fused_activation_function", 0))
@@ -245,22 +241,32 @@ def _weights(ctx: _Context, op: Operator) -> tuple[np.ndarray, np.ndarray | None
     return weight, bias
 
 
-def _conv(ctx: _Context, op: Operator, depthwise: bool) -> _Built:
-    x = op.inputs[0]
-    in_shape = ctx.graph.tensors[x].shape  # NHWC
-    weight, bias = _weights(ctx, op)  # conv: [O, kh, kw, I]; depthwise: [1, kh, kw, I * M]
+@dataclass(frozen=True)
+class _ConvGeometry:
+    """A TFLite conv's weights as PyTorch's [O, I / groups, kh, kw] (channel permutation applied), and its
+    stride, dilation, groups and TF padding (left, right, top, bottom)."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    pad: tuple[int, int, int, int]
+
+
+def _conv_geometry(ctx: _Context, op: Operator, weight: np.ndarray, bias: np.ndarray | None) -> _ConvGeometry:
+    """`weight` as stored (conv: [O, kh, kw, I]; depthwise: [1, kh, kw, I * M]), raw or dequantised."""
+    in_shape = ctx.graph.tensors[op.inputs[0]].shape  # NHWC
     opts = op.options
     stride = (int(opts.get("stride_h", 1)), int(opts.get("stride_w", 1)))
     dilation = (int(opts.get("dilation_h_factor", 1) or 1), int(opts.get("dilation_w_factor", 1) or 1))
     in_ch = in_shape[3]
-    if depthwise:
-        out_ch = weight.shape[3]
+    if op.op == "DEPTHWISE_CONV_2D":
         w = np.transpose(weight, (3, 0, 1, 2))  # [I*M, 1, kh, kw]; output channel i*M + m reads input i
         groups = in_ch
-        if out_ch % in_ch:
-            raise ExportError(f"DEPTHWISE_CONV_2D (operator {op.index}): {out_ch} outputs for {in_ch} inputs")
+        if weight.shape[3] % in_ch:
+            raise ExportError(f"DEPTHWISE_CONV_2D (operator {op.index}): {weight.shape[3]} outputs for {in_ch} inputs")
     else:
-        out_ch = weight.shape[0]
         w = np.transpose(weight, (0, 3, 1, 2))  # [O, I, kh, kw]
         groups = in_ch // weight.shape[3]
     perm = ctx.channel_perms.get(op.index)
@@ -273,24 +279,32 @@ def _conv(ctx: _Context, op: Operator, depthwise: bool) -> _Built:
         left, right = _same_padding(in_shape[2], kw, stride[1], dilation[1])
     else:  # VALID
         top = bottom = left = right = 0
+    return _ConvGeometry(np.ascontiguousarray(w), bias, stride, dilation, groups, (left, right, top, bottom))
+
+
+def _conv(ctx: _Context, op: Operator) -> _Built:
+    x = op.inputs[0]
+    weight, bias = _weights(ctx, op)
+    geo = _conv_geometry(ctx, op, weight, bias)
+    left, right, top, bottom = geo.pad
     symmetric = top == bottom and left == right
+    out_ch, in_per_group, kh, kw = geo.weight.shape
     conv = nn.Conv2d(
-        in_ch,
+        in_per_group * geo.groups,
         out_ch,
         (kh, kw),
-        stride=stride,
+        stride=geo.stride,
         padding=(top, left) if symmetric else 0,
-        dilation=dilation,
-        groups=groups,
-        bias=bias is not None,
+        dilation=geo.dilation,
+        groups=geo.groups,
+        bias=geo.bias is not None,
     )
     with torch.no_grad():
-        conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
-        if bias is not None:
-            conv.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+        conv.weight.copy_(torch.from_numpy(geo.weight.astype(np.float32)))
+        if geo.bias is not None:
+            conv.bias.copy_(torch.from_numpy(geo.bias.astype(np.float32)))
     out, known = ctx.output_quant(op, ctx.fused(op))
-    pad = (0, 0, 0, 0) if symmetric else (left, right, top, bottom)
-    module = Conv(conv, pad, input_nhwc=ctx.layout.get(x) == "nhwc", out=out)
+    module = Conv(conv, (0, 0, 0, 0) if symmetric else geo.pad, input_nhwc=ctx.layout.get(x) == "nhwc", out=out)
     return _Built(module, (x,), "nchw", known)
 
 
@@ -323,8 +337,7 @@ def _concat(ctx: _Context, op: Operator) -> _Built:
     dim = _NCHW_AXIS[axis] if all_nchw else axis
     to_nhwc = [False] * len(xs) if all_nchw else [ctx.layout.get(t) == "nchw" for t in xs]
     ins = [ctx.known.get(t, _ANY) for t in xs]
-    steps = {k.step for k in ins}
-    union = Known(min(k.lo for k in ins), max(k.hi for k in ins), steps.pop() if len(steps) == 1 else None)
+    union = Known(min(k.lo for k in ins), max(k.hi for k in ins))
     out, known = ctx.output_quant(op, ctx.fused(op), union)
     return _Built(Concat(dim, to_nhwc, out), tuple(xs), "nchw" if all_nchw else "nhwc", known)
 
@@ -377,13 +390,229 @@ def _unary(ctx: _Context, op: Operator) -> _Built:
 
 
 OP_BUILDERS: dict[str, Callable[[_Context, Operator], _Built]] = {
-    "CONV_2D": lambda ctx, op: _conv(ctx, op, depthwise=False),
-    "DEPTHWISE_CONV_2D": lambda ctx, op: _conv(ctx, op, depthwise=True),
+    "CONV_2D": _conv,
+    "DEPTHWISE_CONV_2D": _conv,
     "RESHAPE": _reshape,
     "SQUEEZE": _reshape,
     "CONCATENATION": _concat,
     **{name: _binary for name in _BINARY},
     **{name: _unary for name in _UNARY},
+}
+
+
+# ---------------------------------------------------------------------------------------- integer numerics
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A per-tensor uint8 quantisation: real = scale * (q - zero_point), q an integer in [lo, hi]."""
+
+    scale: np.float32
+    zero_point: int
+    lo: int = 0
+    hi: int = 255
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """As ONNX DequantizeLinear and LiteRT compute it: float32(q - zero_point) * scale."""
+        return (q.astype(np.int32) - self.zero_point).astype(np.float32) * self.scale
+
+
+def _round_half_away(v: np.ndarray) -> np.ndarray:
+    """C's std::round (TFLite's TfLiteRound)."""
+    return np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))
+
+
+def _grid(ctx: _Context, tensor: int, op: Operator) -> Grid:
+    t = ctx.graph.tensors[tensor]
+    q = t.quantization
+    if t.dtype != np.uint8 or q is None or q.scale.size != 1:
+        kind = f"{t.dtype}" + ("" if q is None else f" with {q.scale.size} scale(s)")
+        raise ExportError(
+            f"{op.op} (operator {op.index}): tensor {t.name!r} is {kind}; integer numerics need per-tensor "
+            "uint8 quantisation (import with numerics='float')"
+        )
+    return Grid(np.float32(q.scale[0]), int(q.zero_point[0]))
+
+
+def _output_grid(ctx: _Context, op: Operator) -> Grid:
+    """The output tensor's grid narrowed by the fused activation, as TFLite's CalculateActivationRangeQuantized."""
+    grid = _grid(ctx, op.outputs[0], op)
+    lo, hi = ctx.fused(op)
+
+    def quantize(f: float) -> int:
+        return grid.zero_point + int(_round_half_away(np.float32(f) / grid.scale))
+
+    return Grid(
+        grid.scale,
+        grid.zero_point,
+        grid.lo if lo == -math.inf else max(grid.lo, quantize(lo)),
+        grid.hi if hi == math.inf else min(grid.hi, quantize(hi)),
+    )
+
+
+@dataclass(frozen=True)
+class _ConvParams:
+    """A quantised conv's grids and geometry (the weights travel as tensors). Hashable, plain values only,
+    so that the ONNX exporter can carry it to `_QuantizedConvFn.symbolic`."""
+
+    x: Grid
+    w: Grid
+    out: Grid
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    pad: tuple[int, int, int, int]  # (left, right, top, bottom)
+
+    @property
+    def multiplier(self) -> float:
+        """acc -> output steps, in float32 and in this order, as XNNPACK and ONNX Runtime's QLinearConv do."""
+        return float(np.float32(self.x.scale * self.w.scale / self.out.scale))
+
+
+class _QuantizedConvFn(torch.autograd.Function):
+    """A conv in LiteRT's integer arithmetic on dequantised float input and output.
+
+    Eager: the int32 accumulator is computed exactly (float64 conv of integers: every partial sum is far
+    below 2**53), then requantised as float32(acc) * multiplier, rounded half to even, and clamped.
+    ONNX: Q -> DQ -> Conv(DQ(uint8 weights), DQ(int32 bias)) -> Q [-> Clip] -> DQ, the pattern ONNX Runtime
+    fuses into QLinearConv, whose MLAS kernel does that same arithmetic.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: object, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: _ConvParams
+    ) -> torch.Tensor:
+        q = torch.round(x / float(p.x.scale))  # q - zero_point, exactly: x is on its grid
+        if any(p.pad):
+            q = F.pad(q, p.pad)  # zero in (q - zero_point): the zero point, as TFLite pads
+        centred = weight.double() - p.w.zero_point
+        acc = F.conv2d(q.double(), centred, bias.double(), p.stride, 0, p.dilation, p.groups)
+        multiplier = torch.tensor(p.multiplier, dtype=torch.float32, device=x.device)
+        out = (torch.round(acc.float() * multiplier) + p.out.zero_point).clamp(p.out.lo, p.out.hi)
+        return (out - p.out.zero_point) * torch.tensor(float(p.out.scale), dtype=torch.float32, device=x.device)
+
+    @staticmethod
+    def symbolic(g, x, weight, bias, p):  # type: ignore[no-untyped-def]
+        def const(value: object, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+            return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+        def grid(q: Grid):  # type: ignore[no-untyped-def]
+            return const(float(q.scale), torch.float32), const(q.zero_point, torch.uint8)
+
+        x = g.op("DequantizeLinear", g.op("QuantizeLinear", x, *grid(p.x)), *grid(p.x))
+        w = g.op("DequantizeLinear", weight, *grid(p.w))
+        b_scale = const(float(np.float32(p.x.scale * p.w.scale)), torch.float32)
+        b = g.op("DequantizeLinear", bias, b_scale, const(0, torch.int32))
+        left, right, top, bottom = p.pad
+        kernel = weight.type().sizes()[2:]
+        y = g.op(
+            "Conv",
+            x,
+            w,
+            b,
+            kernel_shape_i=kernel,
+            strides_i=list(p.stride),
+            pads_i=[top, left, bottom, right],
+            dilations_i=list(p.dilation),
+            group_i=p.groups,
+        )
+        y = g.op("QuantizeLinear", y, *grid(p.out))
+        if (p.out.lo, p.out.hi) != (0, 255):  # a fused activation narrower than the tensor's range
+            y = g.op("Clip", y, const(p.out.lo, torch.uint8), const(p.out.hi, torch.uint8))
+        return g.op("DequantizeLinear", y, *grid(p.out))
+
+
+class QuantizedConv(nn.Module):
+    """CONV_2D / DEPTHWISE_CONV_2D with integer numerics, NCHW dequantised float in and out."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, params: _ConvParams, input_nhwc: bool) -> None:
+        super().__init__()
+        self.params = params
+        self.input_nhwc = input_nhwc
+        self.register_buffer("weight", torch.from_numpy(weight.astype(np.uint8)))  # [O, I / groups, kh, kw]
+        self.register_buffer("bias", torch.from_numpy(bias.astype(np.int32)))  # on the grid s_x * s_w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_nhwc:
+            x = _to_nchw(x)
+        return _QuantizedConvFn.apply(x, self.weight, self.bias, self.params)
+
+
+class Requantize(nn.Module):
+    """A uint8 tensor moved to another grid by a 256-entry table of the output's dequantised values."""
+
+    def __init__(self, src: Grid, table: np.ndarray) -> None:
+        super().__init__()
+        self.src = src
+        self.register_buffer("table", torch.from_numpy(table.astype(np.float32)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = torch.round(x / float(self.src.scale)) + self.src.zero_point  # q, exactly
+        return self.table[index.long()]
+
+
+def _rescale_table(src: Grid, dst: Grid) -> np.ndarray:
+    """TFLite's uint8 CONCATENATION of an input on another grid (ConcatenationWithScaling), all in float32."""
+    scale = np.float32(src.scale * (np.float32(1.0) / dst.scale))
+    bias = np.float32(-np.float32(src.zero_point) * scale)
+    q = _round_half_away(np.arange(256, dtype=np.float32) * scale + bias).astype(np.int64) + dst.zero_point
+    return dst.dequantize(np.clip(q, 0, 255))
+
+
+class QuantizedConcat(nn.Module):
+    """CONCATENATION with integer numerics: inputs on another grid than the output's are rescaled first."""
+
+    def __init__(self, rescale: Sequence[Requantize | None], concat: Concat) -> None:
+        super().__init__()
+        self.rescale = nn.ModuleList(r if r is not None else nn.Identity() for r in rescale)
+        self.concat = concat
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self.concat(*(r(x) for r, x in zip(self.rescale, xs, strict=True)))
+
+
+def _integer_conv(ctx: _Context, op: Operator) -> _Built:
+    x = op.inputs[0]
+    weight = ctx.graph.tensors[op.inputs[1]]
+    bias = ctx.graph.tensors[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+    x_grid, w_grid, out_grid = _grid(ctx, x, op), _grid(ctx, op.inputs[1], op), _output_grid(ctx, op)
+    if weight.data is None or (bias is not None and (bias.data is None or bias.dtype != np.int32)):
+        raise ExportError(f"{op.op} (operator {op.index}): integer numerics need constant uint8 weights, int32 bias")
+    geo = _conv_geometry(ctx, op, weight.data, bias.data if bias is not None else None)
+    params = _ConvParams(x_grid, w_grid, out_grid, geo.stride, geo.dilation, geo.groups, geo.pad)
+    bias_q = geo.bias if geo.bias is not None else np.zeros(geo.weight.shape[0], np.int32)
+    module = QuantizedConv(geo.weight, bias_q, params, input_nhwc=ctx.layout.get(x) == "nhwc")
+    return _Built(module, (x,), "nchw", _ANY)
+
+
+def _integer_reshape(ctx: _Context, op: Operator) -> _Built:
+    if _grid(ctx, op.inputs[0], op) != _grid(ctx, op.outputs[0], op):
+        raise ExportError(f"{op.op} (operator {op.index}) changes the quantisation, which TFLite does not do")
+    built = _reshape(ctx, op)
+    assert isinstance(built.module, Reshape)
+    built.module.out = None  # integer values never leave their grid's range: no clamp
+    return built
+
+
+def _integer_concat(ctx: _Context, op: Operator) -> _Built:
+    if ctx.fused(op) != _UNBOUNDED:
+        raise ExportError(f"CONCATENATION (operator {op.index}) with a fused activation has no uint8 kernel")
+    built = _concat(ctx, op)
+    dst = _grid(ctx, op.outputs[0], op)
+    grids = [_grid(ctx, t, op) for t in op.inputs]
+    rescale = [Requantize(g, _rescale_table(g, dst)) if g != dst else None for g in grids]
+    assert isinstance(built.module, Concat)
+    built.module.out = None  # the rescaled inputs are on the output's grid already
+    built.module = QuantizedConcat(rescale, built.module)
+    return built
+
+
+INTEGER_OP_BUILDERS: dict[str, Callable[[_Context, Operator], _Built]] = {
+    "CONV_2D": _integer_conv,
+    "DEPTHWISE_CONV_2D": _integer_conv,
+    "RESHAPE": _integer_reshape,
+    "SQUEEZE": _integer_reshape,
+    "CONCATENATION": _integer_concat,
 }
 
 
@@ -433,7 +662,7 @@ def build_network(
     """A float module computing `outputs` from the graph's single image input.
 
     `numerics`: "float" keeps the saturation of quantised tensors (clamps) but not their rounding;
-    "fake_quant" also rounds every quantised activation to its uint8 grid, as the integer kernels do.
+    "integer" reproduces LiteRT's uint8 kernels exactly (see the module docstring).
 
     `channel_perms` maps an operator index to a permutation of its output channels (applied to the
     weights, so it costs nothing at run time).
@@ -445,8 +674,7 @@ def build_network(
     ctx.layout[image] = "nchw"
     if graph.tensors[image].quantization is not None and graph.tensors[image].is_quantized:
         q = graph.tensors[image].real_range()
-        step = float(graph.tensors[image].quantization.scale[0]) if numerics == "fake_quant" else None
-        ctx.known[image] = Known(*q, step) if q is not None else _ANY
+        ctx.known[image] = Known(*q) if q is not None else _ANY
 
     needed: set[int] = set()  # operator indices on a path from the input to an output
     stack = list(outputs)
@@ -471,11 +699,13 @@ def build_network(
     for op in graph.operators:  # TFLite stores operators in execution order
         if op.index not in needed:
             continue
-        builder = OP_BUILDERS.get(op.op)
+        builders = INTEGER_OP_BUILDERS if numerics == "integer" else OP_BUILDERS
+        builder = builders.get(op.op)
         if builder is None:
+            hint = " with integer numerics (import with numerics='float')" if op.op in OP_BUILDERS else ""
             raise ExportError(
-                f"unsupported TFLite operator {op.op} (operator {op.index}, output "
-                f"{graph.tensors[op.outputs[0]].name!r}); supported: {', '.join(sorted(OP_BUILDERS))}"
+                f"unsupported TFLite operator {op.op}{hint} (operator {op.index}, output "
+                f"{graph.tensors[op.outputs[0]].name!r}); supported: {', '.join(sorted(builders))}"
             )
         if len(op.outputs) != 1:
             raise ExportError(f"{op.op} (operator {op.index}) has {len(op.outputs)} outputs; expected one")

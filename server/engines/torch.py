@@ -86,10 +86,11 @@ class TorchEngine:
         if source is None:
             raise TorchEngineError(f"{path} is a {metadata.model!r} model, which this exporter version does not know")
         weights = weights_argument(metadata, path)
-        model = source.build(weights, None)  # the source's own class count (fixed by COCO weights or a file)
+        numerics = metadata.extra.get("numerics")  # as exported (a TFLite import records it)
+        model = source.build(weights, None, numerics)  # the source's own class count (COCO weights or a file)
         if tuple(model.labels) != tuple(metadata.labels) and weights is None:
             # A random-weight export made with --num-classes: labels[class_id] spans every class, background included.
-            model = source.build(weights, len(metadata.labels))
+            model = source.build(weights, len(metadata.labels), numerics)
         if metadata.weights_sha256 is not None and model.weights_sha256 != metadata.weights_sha256:
             raise TorchEngineError(
                 f"the rebuilt weights (sha256 {model.weights_sha256}) are not the ones {path} was exported from "

@@ -106,7 +106,8 @@ def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @needs_model
 @pytest.mark.slow
 def test_export_map_matches_litert(onnx_path: Path) -> None:
-    """Ours within 1.0 point of LiteRT running the same network; and not worse than LiteRT as shipped."""
+    """Ours within 1.0 point of LiteRT's. Like for like (LiteRT's network, our post-processing) they are the same
+    arithmetic, so the same mAP; LiteRT as shipped keeps only its top 10, so ours must not be worse than it."""
     from model_export.models.tflite_ssd import import_tflite_ssd
 
     ground_truth = load_voc(VOC)
@@ -118,7 +119,7 @@ def test_export_map_matches_litert(onnx_path: Path) -> None:
         f"\nVOC sample mAP@0.5: ours {ours:.2f}, LiteRT (paper post-processing) {like_for_like:.2f}, "
         f"LiteRT as shipped {shipped:.2f}"
     )
-    assert abs(ours - like_for_like) <= 1.0
+    assert abs(ours - like_for_like) <= 0.01
     assert ours >= shipped - 1.0
     assert 50.0 < ours < 95.0  # a real detector on real photos, not a degenerate score
 

@@ -95,6 +95,7 @@ def test_onnxruntime_exports_once_into_the_cache(sandbox: dict) -> None:
     assert model.is_file()
     [export] = calls(sandbox, "model_export")
     assert "--model ssd_mobilenet_v1_coco" in export and "--weights coco" in export and "--max-batch 64" in export
+    assert "--numerics" not in export  # the model's own: integer (LiteRT's arithmetic) for ONNX Runtime
     assert f"SERVE SSD_WEIGHTS_DIR={sandbox['cache'] / 'weights'}" in first.stdout
     assert not list(model.parent.glob("*partial*")), "temporary export files left behind"
 
@@ -111,10 +112,12 @@ def test_tensorrt_engine_is_keyed_by_model_gpu_and_tensorrt_version(sandbox: dic
     assert engine.name == "fp16-b32.engine"
     assert engine.parent.name == "trt-10.13.3.9"
     assert engine.parent.parent.name == "nvidia-h200"
-    assert engine.parent.parent.parent.name.startswith("ssd_mobilenet_v1_coco-coco-")
+    assert engine.parent.parent.parent.name.startswith("ssd_mobilenet_v1_coco-coco-float-")
+    [export] = calls(sandbox, "model_export")
+    assert "--numerics float" in export  # TensorRT cannot run the uint8 graph
     [build] = calls(sandbox, "model_export.tensorrt")
     assert "--precision fp16" in build and "--max-batch 32" in build
-    assert "--onnx " + str(sandbox["cache"] / "onnx" / "ssd_mobilenet_v1_coco-coco.onnx") in build
+    assert "--onnx " + str(sandbox["cache"] / "onnx" / "ssd_mobilenet_v1_coco-coco-float.onnx") in build
 
     # Second start, same GPU and TensorRT: nothing rebuilt, nothing re-exported.
     assert served_model(start(sandbox, SSD_ENGINE="tensorrt", SSD_MAX_BATCH_SIZE="32")) == engine

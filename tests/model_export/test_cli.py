@@ -43,6 +43,13 @@ def test_unknown_model(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("--model", "yolo", "--out", str(tmp_path / "m.onnx")), "unknown model 'yolo'")
 
 
+def test_integer_numerics_of_a_float_model(tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    result = run_cli("--model", "ssdlite320_mobilenet_v3_large", "--numerics", "integer", "--out", str(out))
+    assert_one_line_error(result, "is a float model; --numerics integer needs a quantised TFLite file")
+    assert not out.exists()
+
+
 def test_missing_and_corrupt_weights(tmp_path: Path) -> None:
     out = tmp_path / "m.onnx"
     missing = run_cli("--model", "ssdlite320_mobilenet_v3_large", "--weights", str(tmp_path / "no.pth"), "--out", str(out))

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import types
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +278,8 @@ def _without_metadata(path: Path) -> None:
         (lambda p: write_contract_onnx(p, input_dtype=TensorProto.FLOAT), "must be uint8, it is FLOAT"),
         (lambda p: write_contract_onnx(p, metadata=contract_metadata(size=300)),
          "is 16x16 but the metadata says 300x300"),
+        (lambda p: write_contract_onnx(p, metadata=replace(contract_metadata(), extra={"numerics": "integer"})),
+         "computes in uint8 (--numerics integer), which TensorRT cannot run; re-export it with --numerics float"),
     ],
 )
 def test_inspect_onnx_refuses(tmp_path: Path, make: Any, message: str) -> None:
