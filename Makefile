@@ -1,6 +1,8 @@
 # The two commands a newcomer needs: `make serve` and `make test`. Both set up .venv from scratch first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Which torch build this machine gets (pyproject.toml states only ranges): see constraints/cpu-ci.txt.
+CONSTRAINTS ?= constraints/cpu-ci.txt
 SHARED ?= $(abspath ../shared)
 # Offline mirror of the official weights (CI and this workplace have no internet); unset = official URLs.
 ifneq ($(wildcard $(SHARED)/models),)
@@ -11,10 +13,10 @@ endif
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The venv's own pip (23.2 on Python 3.11's venv, or newer): the metadata needs no newer one.
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[export,server,test]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[export,server,test]"
 	touch $@
 
 serve: setup
@@ -23,7 +25,9 @@ serve: setup
 test: setup
 	$(PY) -m pytest
 
-# Debian packages the deployment tests use: a real Prometheus (with promtool) and docker-compose v1.
+# Debian packages the tests use: a real Prometheus (with promtool), docker-compose v1, shellcheck, Chromium (browser
+# tests), wrk, nginx and haproxy (peers and front ends in the benchmark and deployment tests).
 system-deps:
 	apt-get update -q
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus docker-compose shellcheck
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    prometheus docker-compose shellcheck chromium wrk nginx haproxy

@@ -1,11 +1,11 @@
-"""What weights exist (weights/manifest.json) and how to fetch them, checksummed, online or from a mirror.
+"""What weights exist (model_export/manifest.json) and how to fetch them, checksummed, online or from a mirror.
 
     python -m model_export.weights list
     python -m model_export.weights fetch ssd_mobilenet_v1_coco [--mirror DIR] [--dest weights/] [--url URL]
 
 A mirror directory (flag, or `SSD_WEIGHTS_MIRROR`) replaces the download. It may hold the extracted layout
 `<mirror>/<mirror_subdir>/<member>` (e.g. `coco_ssd_mobilenet_v1/detect.tflite` + `labelmap.txt`, as in
-/work/shared/models, which CI uses), the archive itself (`<mirror>/<archive_name>`), or, for single-file
+../shared/models, which CI uses), the archive itself (`<mirror>/<archive_name>`), or, for single-file
 entries, `<mirror>/<file_name>`. A given mirror that holds none of these is an error, never a silent download.
 
 Files land in `<dest>/<name>/` (archives) or `<dest>/` (single files). Every member with a pinned sha256
@@ -33,7 +33,7 @@ from model_export.errors import ExportError
 
 MIRROR_ENV = "SSD_WEIGHTS_MIRROR"
 DEST_ENV = "SSD_WEIGHTS_DIR"
-MANIFEST = Path(__file__).resolve().parents[1] / "weights" / "manifest.json"
+MANIFEST = Path(__file__).with_name("manifest.json")  # package data: found from an installed wheel too
 _CHUNK = 1 << 20
 
 

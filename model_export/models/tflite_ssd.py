@@ -208,7 +208,7 @@ def import_tflite_ssd(
 
 
 def build(weights: str | None, num_classes: int | None, numerics: Numerics | None = None) -> SSDModel:
-    """`weights`: a .tflite path (labelmap.txt beside it) or "coco" (fetched through weights/manifest.json)."""
+    """`weights`: a .tflite path (labelmap.txt beside it) or "coco" (fetched through model_export/manifest.json)."""
     if weights is None:
         raise ExportError(f"{NAME} has no random initialisation: pass --weights coco or a .tflite file")
     source = weights

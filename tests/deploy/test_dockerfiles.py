@@ -170,7 +170,7 @@ def test_dockerignore_keeps_sources_and_drops_artefacts() -> None:
         if line.strip() and not line.startswith("#")
     ]
     for kept in ("pyproject.toml", "README.md", "server/app.py", "server/engines/onnxruntime.py",
-                 "model_export/cli.py", "weights/manifest.json", "docker/entrypoint.sh", "docker/requirements.py"):
+                 "model_export/cli.py", "model_export/manifest.json", "docker/entrypoint.sh", "docker/requirements.py"):
         assert not _ignored(kept, patterns), f"{kept} must be in the build context"
     for dropped in (".git/HEAD", ".venv/bin/python", "tests/conftest.py", "weights/detect.tflite",
                     "weights/ssd_mobilenet_v1_coco.onnx", "x/model.engine", "server/__pycache__/app.cpython-312.pyc",

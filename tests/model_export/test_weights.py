@@ -1,4 +1,4 @@
-"""weights/manifest.json and `model_export.weights.fetch`: mirror layouts, checksums, downloads, failures.
+"""model_export/manifest.json and `model_export.weights.fetch`: mirror layouts, checksums, downloads, failures.
 
 No outside traffic: downloads go to a throwaway HTTP server on 127.0.0.1 or to a closed local port.
 """
