@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {where}: {error['msg']}", file=sys.stderr)
         return 2
 
+    from server.model_store import unavailable_reason
+
+    reason = unavailable_reason(settings)
+    if reason is not None:
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
+
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     import uvicorn
 

@@ -11,6 +11,7 @@ passed on, so an offline machine fetches the weights from a local folder.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import sys
@@ -20,10 +21,28 @@ from server.settings import DEFAULT_MODEL_NAME, Settings
 
 logger = logging.getLogger("server.model_store")
 MIRROR_ENV = "SSD_WEIGHTS_MIRROR"
+# What `python -m model_export` needs for the default model (the `export` extra); the server-only install lacks it.
+EXPORTER_MODULES = ("torch", "onnx", "tflite")
+NO_EXPORTER_HINT = "pass --model FILE.onnx, or install '.[export]' to export the default model"
 
 
 class ModelUnavailable(RuntimeError):
     """The configured model file does not exist and cannot be made."""
+
+
+def missing_exporter_modules() -> list[str]:
+    """The exporter's modules this interpreter cannot import (found without importing them: torch is slow)."""
+    return [name for name in EXPORTER_MODULES if importlib.util.find_spec(name) is None]
+
+
+def unavailable_reason(settings: Settings) -> str | None:
+    """Why the model can never be loaded, known before the server starts: no file and no way to make it."""
+    if settings.model.is_file() or not settings.is_default_model:
+        return None  # a missing non-default file is reported by ensure_model, as before
+    missing = missing_exporter_modules()
+    if not missing:
+        return None
+    return f"no model file at {settings.model} and no exporter ({', '.join(missing)} not installed): {NO_EXPORTER_HINT}"
 
 
 def export_command(out: Path, model_name: str = DEFAULT_MODEL_NAME) -> list[str]:
@@ -37,6 +56,9 @@ async def ensure_model(settings: Settings) -> Path:
         return path
     if not settings.is_default_model:
         raise ModelUnavailable(f"model file not found: {path}")
+    reason = unavailable_reason(settings)
+    if reason is not None:
+        raise ModelUnavailable(reason)
     logger.info("%s is missing: exporting %s (first start; this takes a minute)", path, DEFAULT_MODEL_NAME)
     await run_export(export_command(path), settings.weights_mirror)
     if not path.is_file():

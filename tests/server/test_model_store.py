@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,33 @@ def test_the_missing_default_model_is_exported(tmp_path: Path, monkeypatch: pyte
         "--out",
         str(DEFAULT_MODEL_PATH),
     ]
+
+
+def test_no_model_and_no_exporter_is_refused_before_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no weights/ here: the default model file is missing
+    monkeypatch.setattr(model_store, "EXPORTER_MODULES", ("torch", "ssd_serve_no_such_module"))
+    reason = model_store.unavailable_reason(Settings())
+    assert reason is not None and "ssd_serve_no_such_module not installed" in reason
+    assert reason.endswith("pass --model FILE.onnx, or install '.[export]' to export the default model")
+    with pytest.raises(ModelUnavailable, match=r"install '\.\[export\]'"):
+        asyncio.run(ensure_model(Settings()))
+    monkeypatch.setattr(model_store, "EXPORTER_MODULES", ("json",))  # importable: the exporter would run
+    assert model_store.unavailable_reason(Settings()) is None
+    assert model_store.unavailable_reason(Settings(model=tmp_path / "mine.onnx")) is None  # not the default
+
+
+def test_python_m_server_without_model_or_exporter_exits_2_with_one_line(tmp_path: Path) -> None:
+    """The real entry point, in a fresh process whose exporter modules are absent (as in a '.[server]' install)."""
+    script = (
+        "import sys, server.model_store as store; store.EXPORTER_MODULES = ('ssd_serve_no_such_module',); "
+        "from server.__main__ import main; sys.exit(main([]))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSD_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # this checkout's server, run from tmp_path
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 30
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pass --model FILE.onnx, or install '.[export]'" in lines[0], result.stderr
