@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmarks.engine_only import DECODE_MODES
 from benchmarks.httpclient import NotLoopback, check_loopback
-from benchmarks.inputs import INPUT_SETS, default_cache_dir, load_input_set
+from benchmarks.inputs import DEFAULT_DATA_DIRS, INPUT_SETS, NoPhotos, default_cache_dir, load_input_set
 from benchmarks.report import engine_table, load_run_table, machine_info, table, write_json
 
 
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each run (default 1)")
     common.add_argument("--inputs", choices=sorted(INPUT_SETS), default="photos",
                         help="photos: shared photos at 640x480; large: upscaled to 4000x3000")
+    common.add_argument("--data", type=Path, default=None, metavar="DIR",
+                        help="photos: DIR/images/*.jpg and DIR/voc2012_sample/JPEGImages/*.jpg (default: the first "
+                        f"of {', '.join(str(d) for d in DEFAULT_DATA_DIRS)} that exists)")
     common.add_argument("--input-cache", action="store_true", help=f"cache re-encoded inputs in {default_cache_dir()}")
     common.add_argument("--json", type=Path, help="write the full result as JSON to this file")
 
@@ -97,7 +100,7 @@ def _main_http(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"ssd-bench: {exc}", file=sys.stderr)
         return 2
-    inputs = load_input_set(args.inputs, cache_dir=default_cache_dir() if args.input_cache else None)
+    inputs = load_input_set(args.inputs, args.data, cache_dir=default_cache_dir() if args.input_cache else None)
     result = run_load(config, inputs).as_dict()
     print(load_run_table([result]))
     if args.json:
@@ -113,7 +116,7 @@ def _main_engine(args: argparse.Namespace) -> int:
     if not model.is_file():
         print(f"ssd-bench: no model at {model} (start the server once to build it, or pass --model)", file=sys.stderr)
         return 2
-    inputs = load_input_set(args.inputs, cache_dir=default_cache_dir() if args.input_cache else None)
+    inputs = load_input_set(args.inputs, args.data, cache_dir=default_cache_dir() if args.input_cache else None)
     modes = DECODE_MODES if args.decode == "all" else (args.decode,)
     engine = LoadedEngine(
         model, args.engine, threads=args.threads, max_batch_size=max(args.batch_size), device=args.device,
@@ -142,6 +145,7 @@ def _main_sweep(args: argparse.Namespace) -> int:
         concurrencies=args.concurrency_list, duration_s=args.duration, warmup_s=args.warmup, model=args.model,
         engine=args.engine, device=args.device, engine_duration_s=args.duration, decode_workers=args.decode_workers,
         large=not args.no_large, open_loop_fraction=None if args.no_open_loop else 0.7, pairs=args.pairs,
+        data_dir=args.data,
     )
     result = run_sweep(config, log=lambda msg: print(msg, flush=True))
     result["command"] = args.command_line
@@ -187,16 +191,16 @@ def sweep_summary(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = "python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if args.engine_only:
-        return _main_engine(args)
-    if args.sweep:
-        return _main_sweep(args)
     try:
+        if args.engine_only:
+            return _main_engine(args)
+        if args.sweep:
+            return _main_sweep(args)
         check_loopback(args.url)
-    except NotLoopback as exc:
+        return _main_http(args)
+    except (NotLoopback, NoPhotos) as exc:
         print(f"ssd-bench: {exc}", file=sys.stderr)
         return 2
-    return _main_http(args)
 
 
 if __name__ == "__main__":

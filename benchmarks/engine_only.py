@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 
 from benchmarks.inputs import InputSet
+from benchmarks.report import repo_relative
 from benchmarks.stats import LatencySummary, summarize_latencies
 
 DecodeMode = Literal["none", "loop", "pool"]
@@ -175,7 +176,7 @@ def run_engine_only(
     images = len(latencies) * batch_size
     return EngineRun(
         engine=engine.name,
-        model=str(engine.model),
+        model=repo_relative(engine.model),
         batch_size=batch_size,
         decode=decode,
         decode_workers=decode_workers if decode == "pool" else (1 if decode == "loop" else 0),

@@ -4,7 +4,9 @@
   resized to 640x480 and re-encoded as JPEG (quality 90), so every request costs the same to decode.
 - `large`: the first few of those photos upscaled to 4000x3000 (12 Mpx) and re-encoded, to show decode cost.
 
-Nothing here is ever written into the repository: the optional cache lives under the system temp dir.
+The photos come from `--data DIR` (`data_dir`); by default from the repository's own `data/` folder or the
+shared test data beside the checkout (`../shared/data`), whichever exists first. Nothing here is ever written
+into the repository: the optional cache lives under the system temp dir.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import hashlib
 import io
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
-DEFAULT_DATA_DIR = Path(os.environ.get("SSD_BENCH_DATA", "/work/shared/data"))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Where the photos are looked for when no --data is given, in order.
+DEFAULT_DATA_DIRS: tuple[Path, ...] = (REPO_ROOT / "data", REPO_ROOT.parent / "shared" / "data")
 SOURCE_GLOBS: tuple[str, ...] = ("images/*.jpg", "voc2012_sample/JPEGImages/*.jpg")
 JPEG_QUALITY = 90
 
@@ -58,13 +63,26 @@ class InputSet:
         }
 
 
-def source_photos(data_dir: Path = DEFAULT_DATA_DIR) -> list[Path]:
-    """The shared real photos, in a stable order."""
+class NoPhotos(FileNotFoundError):
+    """No source photos where they were looked for; the message names the --data flag."""
+
+
+def default_data_dir(candidates: Sequence[Path] = DEFAULT_DATA_DIRS) -> Path:
+    """The first default folder that exists; NoPhotos (naming --data) when none does."""
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise NoPhotos(f"no benchmark photos: pass --data DIR (looked in {', '.join(map(str, candidates))})")
+
+
+def source_photos(data_dir: Path | None = None) -> list[Path]:
+    """The real photos under `data_dir` (None: the default folder), in a stable order."""
+    folder = default_data_dir() if data_dir is None else data_dir
     found: list[Path] = []
     for pattern in SOURCE_GLOBS:
-        found.extend(sorted(data_dir.glob(pattern)))
+        found.extend(sorted(folder.glob(pattern)))
     if not found:
-        raise FileNotFoundError(f"no source photos under {data_dir} (looked for {', '.join(SOURCE_GLOBS)})")
+        raise NoPhotos(f"no photos under {folder} (looked for {', '.join(SOURCE_GLOBS)}): pass --data DIR")
     return found
 
 
@@ -91,11 +109,12 @@ def default_cache_dir() -> Path:
 
 def load_input_set(
     name: str,
-    data_dir: Path = DEFAULT_DATA_DIR,
+    data_dir: Path | None = None,
     cache_dir: Path | None = None,
     max_images: int | None = None,
 ) -> InputSet:
-    """Build (or read back from the temp cache) one named input set. `cache_dir=None` keeps it in memory only."""
+    """Build (or read back from the temp cache) one named input set. `data_dir=None`: the default folder;
+    `cache_dir=None` keeps it in memory only."""
     if name not in INPUT_SETS:
         raise ValueError(f"unknown input set {name!r}; choose from {sorted(INPUT_SETS)}")
     spec = INPUT_SETS[name]

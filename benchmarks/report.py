@@ -117,6 +117,17 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(path: Path | str) -> str:
+    """A path as results record it: relative to the repository when inside it, else as given (no machine paths)."""
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(REPO_ROOT):
+        return str(resolved.relative_to(REPO_ROOT))
+    return str(path)
+
+
 def write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(to_json(payload) + "\n")

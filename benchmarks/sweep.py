@@ -24,7 +24,7 @@ from benchmarks.httpclient import Connection, HttpError, check_loopback
 from benchmarks.inputs import InputSet, load_input_set
 from benchmarks.loadgen import LoadConfig, run_load
 from benchmarks.ratios import paired_round, reference_batch, saturation, summarize_pairs, sweep_ratios
-from benchmarks.report import machine_info
+from benchmarks.report import machine_info, repo_relative
 from benchmarks.server_proc import REPO_ROOT, running_server
 
 DEFAULT_MODEL = REPO_ROOT / "weights" / "ssd_mobilenet_v1_coco.onnx"  # the server's default, built on first start
@@ -54,6 +54,7 @@ class SweepConfig:
     large: bool = True  # also measure the 4000x3000 inputs at saturation
     open_loop_fraction: float | None = 0.7  # batching on: one open-loop run at this fraction of saturation
     extra_env: dict[str, str] = field(default_factory=dict)
+    data_dir: Path | None = None  # the photos (None: benchmarks.inputs' default folder)
 
     def estimated_seconds(self) -> float:
         """Rough lower bound: queues at high concurrency drain after each level, which adds to this."""
@@ -66,8 +67,8 @@ class SweepConfig:
 
 
 def run_sweep(config: SweepConfig, log: Log = print) -> dict[str, Any]:
-    photos = load_input_set("photos")
-    large: InputSet | None = load_input_set("large") if config.large else None
+    photos = load_input_set("photos", config.data_dir)
+    large: InputSet | None = load_input_set("large", config.data_dir) if config.large else None
     log(f"sweep: at least ~{config.estimated_seconds():.0f} s; inputs {photos.describe()}")
     started = time.time()
     result: dict[str, Any] = {
@@ -77,7 +78,7 @@ def run_sweep(config: SweepConfig, log: Log = print) -> dict[str, Any]:
             "concurrencies": list(config.concurrencies), "duration_s": config.duration_s, "warmup_s": config.warmup_s,
             "request_timeout_s": config.request_timeout_s, "engine": config.engine, "device": config.device,
             "engine_duration_s": config.engine_duration_s, "decode_workers": config.decode_workers,
-            "pairs": config.pairs, "model": str(config.model or DEFAULT_MODEL),
+            "pairs": config.pairs, "model": repo_relative(config.model or DEFAULT_MODEL),
         },
         "inputs": {"photos": photos.describe(), "large": large.describe() if large else None},
         "settings": {},
@@ -205,7 +206,7 @@ def _load_engine(result: dict[str, Any], config: SweepConfig) -> LoadedEngine:
     served = (result.get("model") or {}).get("file")
     path = Path(served) if served else (config.model or DEFAULT_MODEL)
     path = path if path.is_absolute() else REPO_ROOT / path
-    result["config"]["model"] = str(path)
+    result["config"]["model"] = repo_relative(path)
     return LoadedEngine(path, config.engine, max_batch_size=MAX_BATCH, device=config.device)
 
 
