@@ -4,7 +4,7 @@
         --tflite ../shared/models/coco_ssd_mobilenet_v1/detect.tflite --data ../shared/data/voc2012_sample
 
 Both engines see the same pixels, the server's: the photo decoded (EXIF-oriented, RGB) and resized to the model
-input with bilinear filtering WITHOUT antialiasing (server.preprocess.resize_bilinear; see DESIGN.md). COCO names are
+input with bilinear filtering WITHOUT antialiasing (model_export.contract.image.resize_bilinear; see DESIGN.md). COCO names are
 mapped to VOC names (airplane -> aeroplane, ...); detections of COCO-only classes are dropped. Scoring is
 pycocotools' COCOeval at IoU 0.5 (101-point interpolated AP, up to 100 detections per image), with VOC's
 rule for `difficult` objects: they count neither as misses nor, when matched, as false positives.
@@ -73,15 +73,15 @@ def load_rgb(path: Path) -> np.ndarray:
 
 
 def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 [H, W, 3] -> uint8 [h, w, 3] (size = (h, w)) with the server's own resize, pixel for pixel.
+    """uint8 [H, W, 3] -> uint8 [h, w, 3] (size = (h, w)) with the contract's resize (the server's), pixel for pixel.
 
     That is torch's F.interpolate(float, mode="bilinear", align_corners=False, antialias=False) rounded half
-    to even (see server/preprocess.py). The rounding matters for this quantised model: torch's fixed-point
+    to even (see model_export/contract/image.py). The rounding matters for this quantised model: torch's fixed-point
     uint8 path, or truncation, differ by 1 in ~25% of the values and move boxes by up to ~3 px on a 1200 px photo.
     """
-    from server.preprocess import resize_bilinear as server_resize
+    from model_export.contract.image import resize_bilinear as contract_resize
 
-    return server_resize(image, size)
+    return contract_resize(image, size)
 
 
 def load_voc(data_dir: Path) -> list[GroundTruth]:
@@ -119,7 +119,7 @@ def detect_onnx(model_path: Path, images: Sequence[np.ndarray], batch_size: int 
     """Run an exported file (the model contract) with ONNX Runtime on CPU."""
     import onnxruntime as ort
 
-    from model_export.metadata import METADATA_KEY, ModelMetadata
+    from model_export.contract.metadata import METADATA_KEY, ModelMetadata
 
     options = ort.SessionOptions()
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])

@@ -14,7 +14,7 @@ import torch
 
 from model_export.errors import ExportError
 from model_export.exportable import ExportableSSD
-from model_export.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ModelMetadata, sidecar_path
+from model_export.contract.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ModelMetadata, sidecar_path
 from model_export.spec import PostprocessOptions, SSDModel
 
 DEFAULT_OPSET = 17

@@ -37,7 +37,8 @@ import torch
 
 from model_export.errors import ExportError
 from model_export.exportable import ExportableSSD
-from model_export.metadata import OUTPUT_NAMES
+from model_export.contract.image import model_input
+from model_export.contract.metadata import OUTPUT_NAMES
 from model_export.spec import Detections, PostprocessOptions, SSDModel
 
 BOX_TOLERANCE = 1e-4
@@ -131,13 +132,14 @@ def _photo_paths(directory: Path | None) -> list[Path]:
 
 
 def _prepare(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """The server's own decode and resize, so validation feeds the model exactly the pixels the server will."""
-    from server.errors import ServerError
-    from server.preprocess import preprocess
+    """The contract's input (`model_input`), so validation feeds the model exactly the pixels the server will."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        return torch.from_numpy(preprocess(path.read_bytes(), size).pixels)
-    except (ServerError, OSError) as exc:
+        with Image.open(path) as image:
+            oriented = ImageOps.exif_transpose(image)  # a copy, loaded: the file can close
+            return torch.from_numpy(model_input(oriented, size))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ExportError(f"cannot decode validation image {path}: {exc}") from exc
 
 
@@ -147,7 +149,7 @@ def load_validation_images(size: tuple[int, int], directory: Path | None = None)
     Photos come from `directory` (its first 7 .jpg/.jpeg/.png files by name) or, by default, from the shared test
     data beside the repository (`../shared/data/images` and a few `voc2012_sample` photos); where neither exists,
     from seeded synthetic "dead leaves" images. Each is EXIF-oriented, converted to RGB and resized by the
-    server's own preprocessing (`server.preprocess.preprocess`). A black frame sits in the middle of the set (index N // 2), so that a
+    contract's `model_input`, as the server does. A black frame sits in the middle of the set (index N // 2), so that a
     batch of 8 mixes an image with zero detections among images with many.
     """
     paths = _photo_paths(directory)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from model_export.metadata import ModelMetadata
+from model_export.contract.metadata import ModelMetadata
 from server.batcher import BatcherConfig, DynamicBatcher, check_batch_output
 from server.engines import MODEL_SUFFIXES, create_engine
 from server.engines.base import Engine, EngineOptions

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from model_export.errors import ExportError
-from model_export.metadata import sidecar_path
+from model_export.contract.metadata import sidecar_path
 from model_export.tensorrt.build import BuildOptions, build_engine
 from model_export.tensorrt.facts import DEFAULT_MAX_BATCH, PRECISIONS, batch_profile
 

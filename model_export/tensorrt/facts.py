@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from model_export.errors import ExportError
-from model_export.metadata import OUTPUT_NAMES, ModelMetadata, sidecar_path
+from model_export.contract.metadata import OUTPUT_NAMES, ModelMetadata, sidecar_path
 
 Precision = Literal["fp32", "fp16"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16")

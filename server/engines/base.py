@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from model_export.metadata import ModelMetadata
+from model_export.contract.metadata import ModelMetadata
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from model_export.errors import ExportError
-from model_export.metadata import INPUT_NAME, ModelMetadata
+from model_export.contract.metadata import INPUT_NAME, ModelMetadata
 from model_export.tensorrt.build import import_tensorrt
 from model_export.tensorrt.device import Cuda, host_array
 from model_export.tensorrt.facts import (

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from model_export.metadata import METADATA_KEY, ModelMetadata
+from model_export.contract.metadata import METADATA_KEY, ModelMetadata
 from server.engines.base import EngineOptions, EngineOutput
 
 

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from benchmarks.engine_only import DECODE_MODES, LoadedEngine, run_engine_only  # noqa: E402
 from benchmarks.inputs import InputSet, reencode, source_photos  # noqa: E402
-from model_export.metadata import METADATA_KEY, ModelMetadata  # noqa: E402
+from model_export.contract.metadata import METADATA_KEY, ModelMetadata  # noqa: E402
 
 K = 5
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_export.metadata import ModelMetadata, sidecar_path
+from model_export.contract.metadata import ModelMetadata, sidecar_path
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO.parent / "shared" / "models" / "coco_ssd_mobilenet_v1"

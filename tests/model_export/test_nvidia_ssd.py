@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from model_export.errors import ExportError
-from model_export.metadata import METADATA_KEY, ModelMetadata
+from model_export.contract.metadata import METADATA_KEY, ModelMetadata
 from model_export.models import REGISTRY
 from model_export.models import nvidia_ssd as nv
 from model_export.onnx_export import export_onnx

@@ -14,7 +14,7 @@ from torch import nn
 
 from model_export.errors import ExportError
 from model_export.exportable import ExportableSSD
-from model_export.metadata import METADATA_KEY, ModelMetadata, sidecar_path
+from model_export.contract.metadata import METADATA_KEY, ModelMetadata, sidecar_path
 from model_export.onnx_export import export_onnx
 from model_export.postprocess import SSDPostprocess, decode_boxes
 from model_export.spec import Detections, PostprocessOptions, SSDModel

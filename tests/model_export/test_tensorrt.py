@@ -21,7 +21,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from model_export.errors import ExportError  # noqa: E402
-from model_export.metadata import METADATA_KEY, ModelMetadata, sidecar_path  # noqa: E402
+from model_export.contract.metadata import METADATA_KEY, ModelMetadata, sidecar_path  # noqa: E402
 from model_export.tensorrt import build as build_module  # noqa: E402
 from model_export.tensorrt.__main__ import main, parse_args  # noqa: E402
 from model_export.tensorrt.build import BuildOptions, build_engine, inspect_onnx  # noqa: E402

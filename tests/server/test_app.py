@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from model_export.metadata import ModelMetadata
+from model_export.contract.metadata import ModelMetadata
 from server.app import create_app
 from server.engines.base import EngineOptions, EngineOutput
 from server.settings import Settings

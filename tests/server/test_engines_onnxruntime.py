@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_export.metadata import METADATA_KEY, ModelMetadata
+from model_export.contract.metadata import METADATA_KEY, ModelMetadata
 from server.engines import ENGINES, MODEL_SUFFIXES, create_engine
 from server.engines.base import EngineOptions
 from server.engines.onnxruntime import EngineLoadError, OnnxRuntimeEngine

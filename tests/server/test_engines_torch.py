@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_export.metadata import ModelMetadata
+from model_export.contract.metadata import ModelMetadata
 from server.engines.base import EngineOptions, EngineOutput
 from server.engines.onnxruntime import OnnxRuntimeEngine
 from server.preprocess import preprocess

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model_export.contract.image import resize_bilinear, to_rgb
 from server.errors import EmptyBody, ImageTooLarge, InvalidImage, UnsupportedMediaType
 from server.preprocess import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -20,8 +21,6 @@ from server.preprocess import (
     check_content_type,
     decode,
     preprocess,
-    resize_bilinear,
-    to_rgb,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

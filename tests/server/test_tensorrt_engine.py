@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from model_export.errors import ExportError
-from model_export.metadata import ModelMetadata, sidecar_path
+from model_export.contract.metadata import ModelMetadata, sidecar_path
 from model_export.tensorrt.build import inspect_onnx
 from model_export.tensorrt.device import Cuda, CudaError
 from model_export.tensorrt.facts import BatchProfile, BuildFacts, EngineDescription, GpuFacts
