@@ -6,7 +6,11 @@
 A mirror directory (flag, or `SSD_WEIGHTS_MIRROR`) replaces the download. It may hold the extracted layout
 `<mirror>/<mirror_subdir>/<member>` (e.g. `coco_ssd_mobilenet_v1/detect.tflite` + `labelmap.txt`, as in
 ../shared/models, which CI uses), the archive itself (`<mirror>/<archive_name>`), or, for single-file
-entries, `<mirror>/<file_name>`. A given mirror that holds none of these is an error, never a silent download.
+entries, `<mirror>/<file_name>` under the publisher's own file name (torchvision's
+`ssd300_vgg16_coco-b556d3b4.pth`, NVIDIA's `nvidia_ssdpyt_amp_200703.pt`). A given mirror that holds none of
+these is an error naming the file to put there, never a silent download. Every `--weights coco` source honours
+it: the TFLite import through `fetch`, the torchvision and NVIDIA sources through `fetch_from_mirror`, which
+copies the file into torch.hub's cache, where their own loaders look first.
 
 Files land in `<dest>/<name>/` (archives) or `<dest>/` (single files). Every member with a pinned sha256
 is checked before it is moved into place (atomic rename); on any failure nothing is left behind.
@@ -249,6 +253,20 @@ def fetch(
         for member in entry.members:
             os.replace(staged / member, final / member)
     return final / entry.primary
+
+
+def fetch_from_mirror(name: str, cache_dir: Path) -> Path | None:
+    """With `SSD_WEIGHTS_MIRROR` set: `name`'s file copied from it into `cache_dir` (checked); else None."""
+    mirror = os.environ.get(MIRROR_ENV)
+    if not mirror:
+        return None
+    return fetch(name, cache_dir, mirror)
+
+
+def offline_hint(name: str) -> str:
+    """Where to put `name`'s file for an offline run (for error messages)."""
+    entry = load_manifest()[name]
+    return f"offline: put {entry.primary} (from {entry.url}) in a folder and set {MIRROR_ENV} to that folder"
 
 
 def main(argv: list[str] | None = None) -> int:

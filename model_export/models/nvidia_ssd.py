@@ -52,6 +52,7 @@ from model_export.checkpoints import check_fit, read_state_dict
 from model_export.errors import ExportError
 from model_export.models import ModelSource, require_float
 from model_export.spec import Detections, Numerics, PostprocessOptions, SSDModel
+from model_export import weights as weight_store
 from model_export.weights import sha256_of
 
 NAME = "ssd300_resnet50"
@@ -59,6 +60,7 @@ NAME = "ssd300_resnet50"
 COCO_CHECKPOINT_URL = (
     "https://api.ngc.nvidia.com/v2/models/nvidia/ssd_pyt_ckpt_amp/versions/20.06.0/files/nvidia_ssdpyt_amp_200703.pt"
 )
+MANIFEST_ENTRY = "nvidia_ssd300_resnet50_coco"  # its entry in model_export/manifest.json
 DEFAULT_SEED = 0
 # Random init (see calibrate_random_network).
 UNIFORM_GREYS = tuple(range(0, 256, 51))  # 0, 51, ..., 255: the blank frames the class heads are made blind to
@@ -314,8 +316,12 @@ def _classes_in(state_dict: Mapping[str, torch.Tensor]) -> int | None:
 
 
 def _official_checkpoint() -> Path:
-    """Their torch.hub checkpoint, from torch.hub's cache or downloaded into it."""
+    """Their torch.hub checkpoint: from `SSD_WEIGHTS_MIRROR` when set (their file name), else torch.hub's cache,
+    downloaded into it if missing."""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(COCO_CHECKPOINT_URL).name
+    mirrored = weight_store.fetch_from_mirror(MANIFEST_ENTRY, cached.parent)
+    if mirrored is not None:
+        return mirrored
     if cached.is_file():
         return cached
     try:
@@ -324,7 +330,7 @@ def _official_checkpoint() -> Path:
     except Exception as exc:  # URLError, HTTPError, timeouts, SSL, unwritable cache: all mean "could not fetch"
         raise ExportError(
             f"cannot download the official {NAME} checkpoint from {COCO_CHECKPOINT_URL} ({type(exc).__name__}); "
-            f"download it yourself and pass --weights PATH (or place it at {cached})"
+            f"{weight_store.offline_hint(MANIFEST_ENTRY)}, or place it at {cached}, or pass --weights PATH"
         ) from exc
     return cached
 

@@ -38,6 +38,7 @@ from model_export.checkpoints import check_fit, read_state_dict
 from model_export.errors import ExportError
 from model_export.models import ModelSource, require_float
 from model_export.spec import Detections, Numerics, PostprocessOptions, SSDModel
+from model_export import weights as weight_store
 from model_export.weights import sha256_of
 
 RANDOM_SEED = 0
@@ -91,15 +92,19 @@ def _num_classes_in(state: dict[str, torch.Tensor], arch: _Architecture) -> int 
 
 
 def _coco_state_dict(arch: _Architecture) -> tuple[dict[str, torch.Tensor], Path]:
+    """torchvision's COCO_V1 weights: from `SSD_WEIGHTS_MIRROR` when set (its file name), else its weights API."""
     url = arch.coco_weights.url
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = hub / os.path.basename(url)
+    entry = f"{arch.name}_coco"  # the manifest's name for it
+    weight_store.fetch_from_mirror(entry, hub)  # into torch.hub's cache, where get_state_dict looks first
     try:
         state = arch.coco_weights.get_state_dict(progress=False, check_hash=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
         detail = " ".join(str(exc).split())[:120]
         raise ExportError(
             f"could not get the COCO weights of {arch.name} ({type(exc).__name__}: {detail}); "
-            f"fetch {url} and either place it at {cached} or pass it as --weights PATH"
+            f"{weight_store.offline_hint(entry)}, or place the file at {cached}, or pass it as --weights PATH"
         ) from exc
     return state, cached
 

@@ -209,6 +209,7 @@ def test_missing_corrupt_and_foreign_files(tmp_path: Path) -> None:
 
 def test_coco_offline_names_the_url_and_the_way_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.delenv("SSD_WEIGHTS_MIRROR", raising=False)  # `make test` points it at ../shared/models
 
     def offline(url: str, dst: str, *args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
@@ -218,12 +219,34 @@ def test_coco_offline_names_the_url_and_the_way_out(tmp_path: Path, monkeypatch:
         nv.build("coco")
     message = str(excinfo.value)
     assert nv.COCO_CHECKPOINT_URL in message and "--weights PATH" in message and "URLError" in message
+    assert "put nvidia_ssdpyt_amp_200703.pt (from " in message and "set SSD_WEIGHTS_MIRROR" in message
     with pytest.raises(ExportError, match="has 81 classes, not 21"):
         nv.build("coco", 21)
 
 
+def test_coco_comes_from_the_mirror_under_nvidias_file_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def no_network(url: str, dst: str, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"downloaded {url} although a mirror was given")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    monkeypatch.setenv("SSD_WEIGHTS_MIRROR", str(mirror))
+    with pytest.raises(ExportError, match=f"looked for {mirror / 'nvidia_ssdpyt_amp_200703.pt'}"):
+        nv.build("coco")
+    state = randomised_state()
+    save(mirror / "nvidia_ssdpyt_amp_200703.pt", {"model": state})
+    model = nv.build("coco")
+    assert model.weights_source == "coco"
+    assert torch.equal(model.network.state_dict()["conf.3.weight"], state["conf.3.weight"])
+    assert (tmp_path / "hub" / "checkpoints" / "nvidia_ssdpyt_amp_200703.pt").is_file()  # copied into the cache
+
+
 def test_coco_uses_the_torch_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.delenv("SSD_WEIGHTS_MIRROR", raising=False)
     cached = tmp_path / "hub" / "checkpoints" / "nvidia_ssdpyt_amp_200703.pt"
     cached.parent.mkdir(parents=True)
     state = randomised_state()

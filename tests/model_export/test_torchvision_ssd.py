@@ -250,6 +250,7 @@ def test_coco_weights_offline_name_the_file_to_supply(
 ) -> None:
     # A fresh, empty hub cache and a proxy that refuses connections: a real, fast, offline download failure.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("SSD_WEIGHTS_MIRROR", raising=False)  # `make test` points it at ../shared/models
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     for var in ("no_proxy", "NO_PROXY"):
@@ -263,3 +264,36 @@ def test_coco_weights_offline_name_the_file_to_supply(
     assert f"https://download.pytorch.org/models/{filename}" in message
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / filename) in message
     assert "--weights PATH" in message and "\n" not in message
+    assert f"put {filename} (from " in message and "set SSD_WEIGHTS_MIRROR to that folder" in message
+
+
+@pytest.mark.parametrize("name", [VGG, LITE])
+def test_coco_weights_come_from_the_mirror_under_torchvisions_file_name(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    monkeypatch.setenv("SSD_WEIGHTS_MIRROR", str(mirror))
+    filename = {VGG: "ssd300_vgg16_coco-b556d3b4.pth", LITE: "ssdlite320_mobilenet_v3_large_coco-a79551df.pth"}[name]
+    with pytest.raises(ExportError, match=f"mirror {mirror} has no {name}_coco: looked for {mirror / filename}"):
+        REGISTRY[name].build("coco", None)
+    # A file under that name is taken from the mirror and checked against the hash prefix torchvision's name
+    # carries (a real COCO file cannot be made here; a wrong one shows the mirror is read, and checked).
+    torch.save({"not": torch.zeros(1)}, mirror / filename)
+    with pytest.raises(ExportError, match=f"checksum mismatch for {name}_coco/{filename} from mirror {mirror}"):
+        REGISTRY[name].build("coco", None)
+    assert not (tmp_path / "torch" / "hub" / "checkpoints" / filename).exists(), "a bad file must not be cached"
+
+
+def test_the_manifest_names_each_coco_file_as_its_publisher_does() -> None:
+    from model_export.models import nvidia_ssd, torchvision_ssd
+    from model_export.weights import load_manifest
+
+    manifest = load_manifest()
+    assert len(torchvision_ssd._ARCHITECTURES) == 2
+    for arch in torchvision_ssd._ARCHITECTURES:
+        entry = manifest[f"{arch.name}_coco"]
+        assert entry.url == arch.coco_weights.url and entry.primary == Path(arch.coco_weights.url).name
+    entry = manifest[nvidia_ssd.MANIFEST_ENTRY]
+    assert entry.url == nvidia_ssd.COCO_CHECKPOINT_URL and entry.primary == Path(entry.url).name
