@@ -9,7 +9,7 @@ ifneq ($(wildcard $(SHARED)/models),)
 export SSD_WEIGHTS_MIRROR ?= $(SHARED)/models
 endif
 
-.PHONY: setup serve test system-deps
+.PHONY: setup serve test system-deps lock
 
 setup: $(VENV)/.installed
 
@@ -31,3 +31,16 @@ system-deps:
 	apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 	    prometheus docker-compose shellcheck chromium wrk nginx haproxy
+
+# The images' lock files, from pyproject.toml's extras, for the images' Python (3.12; needs pip-tools there and PyPI).
+LOCK_PYTHON ?= python3.12
+LOCK_VENV ?= .cache/lock-venv
+COMPILE = $(LOCK_VENV)/bin/pip-compile -q --strip-extras --no-emit-index-url --no-emit-find-links
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || { $(LOCK_PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q pip-tools; }
+	$(LOCK_VENV)/bin/python docker/requirements.py --extras server > docker/requirements-cpu.in
+	$(LOCK_VENV)/bin/python docker/requirements.py --extras export --exclude torch --exclude torchvision > docker/requirements-export-cpu.in
+	$(LOCK_VENV)/bin/python docker/requirements.py --extras server,export,gpu --exclude onnxruntime --exclude tensorrt > docker/requirements-gpu.in
+	$(COMPILE) -o docker/requirements-cpu.lock docker/requirements-cpu.in
+	$(COMPILE) -o docker/requirements-export-cpu.lock docker/requirements-export-cpu.in
+	$(COMPILE) -c constraints/docker-gpu.txt -o docker/requirements-gpu.lock docker/requirements-gpu.in

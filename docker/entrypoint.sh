@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # ssd-serve container entrypoint: make sure the model the server needs exists, then exec the server.
 #
+#   entrypoint.sh [COMMAND...]   fill the cache if needed, then exec COMMAND (default: python -m server)
+#   entrypoint.sh export         fill the cache (steps 1 and 2) and exit 0: an init step (compose's
+#                                model-init-cpu service, a Kubernetes initContainer) run in the exporter image
+#
 #   1. ONNX: SSD_MODEL if it names an existing file; otherwise $MODEL_CACHE_DIR/onnx/<model>-<weights>.onnx,
 #      exported on first start (python -m model_export; its weight fetch reads SSD_WEIGHTS_MIRROR when set).
 #   2. SSD_ENGINE=tensorrt: a TensorRT engine built from that ONNX on first start and kept under
@@ -49,7 +53,12 @@ if [[ $ENGINE == tensorrt && -z $NUMERICS ]]; then NUMERICS=float; fi
 export SSD_WEIGHTS_DIR=${SSD_WEIGHTS_DIR:-$CACHE/weights}
 export TORCH_HOME=${TORCH_HOME:-$CACHE/torch}
 
-if [[ $# -eq 0 ]]; then
+EXPORT_ONLY=false
+if [[ ${1:-} == export ]]; then
+    EXPORT_ONLY=true
+    shift
+    [[ $# -eq 0 ]] || die "usage: entrypoint.sh export (no further arguments), got: $*"
+elif [[ $# -eq 0 ]]; then
     set -- "$PYTHON" -m server
 fi
 
@@ -68,7 +77,7 @@ export_onnx() {
     [[ $MODEL_WEIGHTS == none ]] || exporter+=(--weights "$MODEL_WEIGHTS")
     [[ -z $NUMERICS ]] || exporter+=(--numerics "$NUMERICS")
     "$PYTHON" -c "import model_export.cli" 2>/dev/null \
-        || die "no exported model at $out and the exporter is not installed in this image (built without the 'export' extra); mount an exported .onnx and set SSD_MODEL to it"
+        || die "no exported model at $out and this image has no exporter: run the exporter image's init step first (docker/Dockerfile.cpu --target exporter, command 'export', same /cache volume and MODEL_* settings), or mount an exported .onnx and set SSD_MODEL to it"
     mkdir -p "$(dirname "$out")" "$SSD_WEIGHTS_DIR"
     tmp=$(mktemp "$out.XXXXXX.partial.onnx")
     log "exporting $MODEL_NAME ($MODEL_WEIGHTS weights) to $out; weights are fetched into $SSD_WEIGHTS_DIR${SSD_WEIGHTS_MIRROR:+ from the mirror $SSD_WEIGHTS_MIRROR}"
@@ -142,5 +151,9 @@ fi
 
 flock -u 9
 exec 9>&-
+if [[ $EXPORT_ONLY == true ]]; then
+    log "the cache holds $SSD_MODEL; done"
+    exit 0
+fi
 log "starting: SSD_MODEL=$SSD_MODEL SSD_ENGINE=$ENGINE: $*"
 exec "$@"

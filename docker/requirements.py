@@ -1,14 +1,14 @@
 """Print the pip requirements of ssd-serve (core + chosen extras) from pyproject.toml, one per line.
 
-The Dockerfiles install these in a layer of their own, before the sources are copied, so editing the code
-does not reinstall torch. Usage (from the directory holding pyproject.toml):
+`make lock` writes the images' lock inputs with it (docker/requirements-*.in) and compiles them with pip-compile
+into docker/requirements-*.lock, which the Dockerfiles install in a layer of their own, before the sources are
+copied. Usage (from the directory holding pyproject.toml):
 
-    python docker/requirements.py --extras server,export,gpu --exclude onnxruntime --skip-installed tensorrt
+    python docker/requirements.py --extras server,export,gpu --exclude onnxruntime --exclude tensorrt
 
 --exclude NAME          drop a distribution (the CPU `onnxruntime` when `onnxruntime-gpu` provides the same
                         `onnxruntime` module: installing both makes one overwrite the other's files)
---skip-installed NAME   drop a distribution when this interpreter can already import it (the TensorRT that
-                        NVIDIA's image ships must not be replaced by a PyPI build of another version)
+--skip-installed NAME   drop a distribution when this interpreter can already import it
 """
 
 from __future__ import annotations

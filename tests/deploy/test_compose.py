@@ -74,7 +74,7 @@ def test_gpu_stack() -> None:
 
 def test_cpu_stack_has_no_gpu_and_keeps_the_server_name() -> None:
     services = _started(_services(CPU))
-    assert set(services) == {"server-cpu", "prometheus", "grafana"}
+    assert set(services) == {"model-init-cpu", "server-cpu", "prometheus", "grafana"}
     for name, service in services.items():
         assert "devices" not in str(service.get("deploy", {})), f"{name} still reserves a device"
     server = services["server-cpu"]
@@ -85,6 +85,17 @@ def test_cpu_stack_has_no_gpu_and_keeps_the_server_name() -> None:
     # Prometheus scrapes server:8000 in both variants.
     assert "server" in server["networks"]["default"]["aliases"]
     assert any(str(v).startswith("model-cache:/cache") for v in server["volumes"]), server["volumes"]
+
+
+def test_cpu_stack_exports_in_an_init_service_then_serves_from_the_server_only_image() -> None:
+    services = _started(_services(CPU))
+    init, server = services["model-init-cpu"], services["server-cpu"]
+    assert init["build"]["target"] == "exporter" and init["command"] == ["export"]
+    assert server["build"]["target"] == "runtime"
+    assert server["depends_on"]["model-init-cpu"]["condition"] == "service_completed_successfully"
+    assert any(str(v).startswith("model-cache:/cache") for v in init["volumes"]), init["volumes"]
+    for name in ("MODEL_NAME", "MODEL_WEIGHTS", "MODEL_NUMERICS", "SSD_ENGINE"):  # both name the same cached file
+        assert init["environment"].get(name) == server["environment"].get(name), name
 
 
 def test_monitoring_mounts_the_repository_configuration() -> None:
@@ -99,7 +110,8 @@ def test_monitoring_mounts_the_repository_configuration() -> None:
     assert "server:8000" in (REPO / "docker" / "prometheus" / "prometheus.yml").read_text()
 
 
-@pytest.mark.parametrize(("files", "service"), [(GPU, "server"), (CPU, "server-cpu")], ids=["gpu", "cpu"])
+@pytest.mark.parametrize(("files", "service"), [(GPU, "server"), (CPU, "server-cpu"), (CPU, "model-init-cpu")],
+                         ids=["gpu", "cpu", "cpu-init"])
 def test_weights_mirror_from_a_host_directory(files: list[str], service: str, tmp_path: Path) -> None:
     default = _started(_services(files))[service]
     assert not default["environment"].get("WEIGHTS_MIRROR"), "no mirror unless asked for: download by default"

@@ -50,9 +50,15 @@ def test_hadolint(dockerfile: Path) -> None:
 def test_base_image_is_pinned(dockerfile: Path) -> None:
     steps = instructions(dockerfile)
     defaults = args_defaults(steps)
+    earlier_stages: set[str] = set()
     for kind, rest in steps:
         if kind != "FROM":
             continue
+        words = rest.split()
+        if len(words) == 3 and words[1].upper() == "AS":
+            earlier_stages.add(words[2])
+        if words[0] in earlier_stages:
+            continue  # FROM base AS exporter: a stage of this file, pinned where it was defined
         image = rest.split()[0]
         image = re.sub(r"\$\{?(\w+)\}?", lambda m: defaults.get(m.group(1), m.group(0)), image)
         if "@sha256:" in image:
@@ -65,43 +71,85 @@ def test_base_image_is_pinned(dockerfile: Path) -> None:
 @DOCKERFILES
 def test_runs_as_non_root_with_a_readiness_healthcheck(dockerfile: Path) -> None:
     steps = instructions(dockerfile)
-    users = [rest for kind, rest in steps if kind == "USER"]
-    assert users, f"{dockerfile.name} has no USER: the server would run as root"
-    user = users[-1].split(":")[0]
-    assert user not in ("root", "0"), f"{dockerfile.name} ends as USER {users[-1]}"
-    checks = [rest for kind, rest in steps if kind == "HEALTHCHECK"]
+    final = list(stages(steps).values())[-1]  # the default target: the server
+    for name, stage in installing_stages(dockerfile).items():
+        users = [rest for kind, rest in stage if kind == "USER"]
+        assert users, f"{dockerfile.name} [{name}] has no USER: it would run as root"
+        assert users[-1].split(":")[0] not in ("root", "0"), f"{dockerfile.name} [{name}] ends as USER {users[-1]}"
+        entrypoint = json.loads(next(rest for kind, rest in stage if kind == "ENTRYPOINT"))
+        assert entrypoint[-1] == "/app/docker/entrypoint.sh" and (REPO / "docker" / "entrypoint.sh").is_file()
+    checks = [rest for kind, rest in final if kind == "HEALTHCHECK"]
     assert len(checks) == 1 and "/readyz" in checks[0], checks
-    entrypoint = json.loads(next(rest for kind, rest in steps if kind == "ENTRYPOINT"))
-    assert entrypoint[-1] == "/app/docker/entrypoint.sh" and (REPO / "docker" / "entrypoint.sh").is_file()
     env = " ".join(rest for kind, rest in steps if kind == "ENV")
     assert "SSD_HOST=0.0.0.0" in env, "inside a container the server must listen on all interfaces"
 
 
+def stages(steps: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """Steps by build stage name (`FROM image AS name`; an unnamed stage is called by its image)."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for kind, rest in steps:
+        if kind == "FROM":
+            words = rest.split()
+            current = found.setdefault(words[2] if len(words) == 3 and words[1].upper() == "AS" else words[0], [])
+        current.append((kind, rest))
+    return found
+
+
+def installing_stages(dockerfile: Path) -> dict[str, list[tuple[str, str]]]:
+    return {name: steps for name, steps in stages(instructions(dockerfile)).items()
+            if any(kind == "COPY" and rest.split()[0] == "." for kind, rest in steps)}
+
+
 @DOCKERFILES
-def test_dependencies_are_installed_before_the_sources_are_copied(dockerfile: Path) -> None:
-    steps = instructions(dockerfile)
-    copy_all = next(i for i, (kind, rest) in enumerate(steps) if kind == "COPY" and rest.split()[0] == ".")
-    deps = next(i for i, (kind, rest) in enumerate(steps) if kind == "RUN" and "pip install -r" in rest)
-    assert deps < copy_all, "the dependency layer must not depend on the sources"
-    copied_before = [rest.split()[:-1] for kind, rest in steps[:deps] if kind == "COPY"]
-    assert sorted(sum(copied_before, [])) == ["docker/requirements.py", "pyproject.toml"], copied_before
+def test_dependencies_are_locked_and_installed_before_the_sources_are_copied(dockerfile: Path) -> None:
+    built = installing_stages(dockerfile)
+    assert built, f"{dockerfile.name} installs the project nowhere"
+    for name, steps in built.items():
+        copy_all = next(i for i, (kind, rest) in enumerate(steps) if kind == "COPY" and rest.split()[0] == ".")
+        installs = [rest for kind, rest in steps[:copy_all] if kind == "RUN" and "pip install" in rest]
+        assert installs, f"{dockerfile.name} [{name}]: no dependency layer before the sources"
+        copied = sum((rest.split()[:-1] for kind, rest in steps[:copy_all] if kind == "COPY"), [])
+        assert copied and all(path.startswith("docker/") for path in copied), copied
+        for path in copied:
+            assert (REPO / path).is_file(), f"{dockerfile.name} copies {path}, which does not exist"
+            requirements = [line for line in (REPO / path).read_text().splitlines()
+                            if line.strip() and not line.lstrip().startswith("#")]
+            assert requirements and all(re.fullmatch(r"[A-Za-z0-9_.-]+==\S+", r) for r in requirements), (
+                f"{path}: every requirement must be pinned with ==")
+        for install in installs:
+            assert "-r docker/" in install and " -e " not in install, install
+        source_install = next(rest for kind, rest in steps[copy_all:] if kind == "RUN" and "pip install" in rest)
+        assert "--no-deps /app" in source_install and " -e " not in source_install, source_install
 
 
 def test_gpu_image_uses_tensorrt_base_and_onnxruntime_gpu() -> None:
     steps = instructions(GPU_DOCKERFILE)
     base = next(rest for kind, rest in steps if kind == "FROM")
     assert base.startswith("nvcr.io/nvidia/tensorrt:") and base.endswith("-py3"), base
-    install = next(rest for kind, rest in steps if kind == "RUN" and "docker/requirements.py" in rest)
-    assert "--extras server,export,gpu" in install
-    assert "--exclude onnxruntime" in install  # onnxruntime-gpu provides the module
-    assert "--skip-installed tensorrt" in install  # keep the image's TensorRT
+    locked = (REPO / "docker" / "requirements-gpu.lock").read_text()
+    names = {re.match(r"[\w.-]+", line).group(0).lower() for line in locked.splitlines() if re.match(r"\w", line)}
+    assert "onnxruntime-gpu" in names and "onnxruntime" not in names  # onnxruntime-gpu provides the module
+    assert "tensorrt" not in names  # keep the image's TensorRT
+    assert {"torch", "torchvision", "fastapi", "onnx"} <= names
 
 
-def test_cpu_image_is_slim_python() -> None:
+def test_cpu_image_is_a_slim_exporter_stage_and_a_server_only_runtime() -> None:
     steps = instructions(CPU_DOCKERFILE)
-    base = next(rest for kind, rest in steps if kind == "FROM")
+    by_stage = stages(steps)
+    assert list(by_stage)[-1] == "runtime", "the default target (the last stage) must be the server"
+    base = next(rest for kind, rest in steps if kind == "FROM").split()[0]
     assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", base), base
-    assert args_defaults(steps)["EXTRAS"] == "server,export"
+    exporter = " ".join(rest for kind, rest in by_stage["exporter"] if kind == "RUN")
+    assert "pip install -r docker/torch-cpu.txt --index-url https://download.pytorch.org/whl/cpu" in exporter
+    assert json.loads(next(rest for kind, rest in by_stage["exporter"] if kind == "CMD")) == ["export"]
+    runtime = " ".join(rest for kind, rest in by_stage["runtime"] if kind in ("RUN", "COPY"))
+    assert "docker/requirements-cpu.lock" in runtime and "torch" not in runtime
+    server_lock = (REPO / "docker" / "requirements-cpu.lock").read_text()
+    assert not re.search(r"^(torch|torchvision|onnx|tflite|nvidia-[\w-]+)==", server_lock, re.M), "runtime lock: torch"
+    torch_pins = (REPO / "docker" / "torch-cpu.txt").read_text()
+    assert re.search(r"^torch==[\d.]+\+cpu$", torch_pins, re.M) and re.search(r"^torchvision==[\d.]+\+cpu$",
+                                                                             torch_pins, re.M)
 
 
 def _requirements(*args: str) -> list[str]:
@@ -129,6 +177,25 @@ def test_requirements_script_reads_the_extras() -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert bad.returncode == 1 and "no-such-extra" in bad.stderr
+
+
+@pytest.mark.parametrize(("lock", "arguments"), [
+    ("requirements-cpu", ["--extras", "server"]),
+    ("requirements-export-cpu", ["--extras", "export", "--exclude", "torch", "--exclude", "torchvision"]),
+    ("requirements-gpu", ["--extras", "server,export,gpu", "--exclude", "onnxruntime", "--exclude", "tensorrt"]),
+])
+def test_lock_inputs_match_pyproject_and_every_input_is_locked(lock: str, arguments: list[str]) -> None:
+    """The .in files `make lock` compiles are what pyproject.toml says now; each of them has a pin in the lock."""
+    wanted = _requirements(*arguments)
+    assert (DOCKER / f"{lock}.in").read_text().split() == wanted, f"docker/{lock}.in is stale: run `make lock`"
+    pinned = {}
+    for line in (DOCKER / f"{lock}.lock").read_text().splitlines():
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", line.strip())
+        if match:
+            pinned[match.group(1).lower().replace("_", "-")] = match.group(2)
+    for requirement in wanted:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower().replace("_", "-")
+        assert name in pinned, f"docker/{lock}.lock has no pin for {name}: run `make lock`"
 
 
 # --- .dockerignore: the build context holds what the images need and nothing heavy -----------------------------
@@ -170,9 +237,11 @@ def test_dockerignore_keeps_sources_and_drops_artefacts() -> None:
         if line.strip() and not line.startswith("#")
     ]
     for kept in ("pyproject.toml", "README.md", "server/app.py", "server/engines/onnxruntime.py",
-                 "model_export/cli.py", "model_export/manifest.json", "docker/entrypoint.sh", "docker/requirements.py"):
+                 "model_export/cli.py", "model_export/manifest.json", "docker/entrypoint.sh",
+                 "docker/requirements-cpu.lock", "docker/requirements-export-cpu.lock", "docker/requirements-gpu.lock",
+                 "docker/torch-cpu.txt"):
         assert not _ignored(kept, patterns), f"{kept} must be in the build context"
     for dropped in (".git/HEAD", ".venv/bin/python", "tests/conftest.py", "weights/detect.tflite",
                     "weights/ssd_mobilenet_v1_coco.onnx", "x/model.engine", "server/__pycache__/app.cpython-312.pyc",
-                    "docker/Dockerfile", "docker/prometheus/rules.yml", "docker-compose.yml"):
+                    "docker/Dockerfile", "docker/prometheus/rules.yml", "docker-compose.yml", "docker/requirements.py"):
         assert _ignored(dropped, patterns), f"{dropped} must stay out of the build context"

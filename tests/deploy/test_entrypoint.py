@@ -212,3 +212,31 @@ def test_real_export_from_the_weights_mirror_then_reuse(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-3000:]
     assert "reusing the exported model" in second.stderr
     assert onnx.stat().st_mtime_ns == stamp
+
+
+def test_export_mode_fills_the_cache_and_exits(sandbox: dict) -> None:
+    """`entrypoint.sh export`: the init step (compose's model-init-cpu, a Kubernetes initContainer)."""
+    env = {**sandbox["env"], "SSD_ENGINE": "onnxruntime"}
+    first = subprocess.run(["bash", str(ENTRYPOINT), "export"], env=env, capture_output=True, text=True, timeout=30)
+    assert first.returncode == 0, first.stderr
+    assert "SERVE" not in first.stdout, "export mode must not start the server"
+    onnx = sandbox["cache"] / "onnx" / "ssd_mobilenet_v1_coco-coco.onnx"
+    assert onnx.is_file() and f"the cache holds {onnx}" in first.stderr
+    again = subprocess.run(["bash", str(ENTRYPOINT), "export"], env=env, capture_output=True, text=True, timeout=30)
+    assert again.returncode == 0 and "reusing the exported model" in again.stderr
+    assert len(calls(sandbox, "model_export")) == 1
+    # The server's start afterwards (the runtime image) finds that very file.
+    assert served_model(start(sandbox, SSD_ENGINE="onnxruntime")) == onnx
+    bad = subprocess.run(["bash", str(ENTRYPOINT), "export", "extra"], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert bad.returncode != 0 and "usage: entrypoint.sh export" in bad.stderr
+
+
+def test_server_only_image_without_a_cached_model_names_the_init_step(sandbox: dict) -> None:
+    fake = Path(sandbox["env"]["PYTHON"])
+    no_exporter = fake.with_name("python-no-exporter")
+    no_exporter.write_text(fake.read_text().replace('*) exit 0 ;;', '*"model_export.cli"*) exit 1 ;;\n        *) exit 0 ;;', 1))
+    no_exporter.chmod(0o755)
+    result = start(sandbox, SSD_ENGINE="onnxruntime", PYTHON=str(no_exporter))
+    assert result.returncode != 0 and "SERVE" not in result.stdout
+    assert "run the exporter image's init step first" in result.stderr
