@@ -76,7 +76,7 @@ export_onnx() {
     local -a exporter=(-m model_export --model "$MODEL_NAME" --max-batch "$TRT_MAX_BATCH")
     [[ $MODEL_WEIGHTS == none ]] || exporter+=(--weights "$MODEL_WEIGHTS")
     [[ -z $NUMERICS ]] || exporter+=(--numerics "$NUMERICS")
-    "$PYTHON" -c "import model_export.cli" 2>/dev/null \
+    "$PYTHON" -c "import onnx, model_export.cli" 2>/dev/null \
         || die "no exported model at $out and this image has no exporter: run the exporter image's init step first (docker/Dockerfile.cpu --target exporter, command 'export', same /cache volume and MODEL_* settings), or mount an exported .onnx and set SSD_MODEL to it"
     mkdir -p "$(dirname "$out")" "$SSD_WEIGHTS_DIR"
     tmp=$(mktemp "$out.XXXXXX.partial.onnx")
