@@ -26,4 +26,4 @@ test: setup
 # Debian packages the deployment tests use: a real Prometheus (with promtool) and docker-compose v1.
 system-deps:
 	apt-get update -q
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus docker-compose shellcheck
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus docker-compose shellcheck chromium
