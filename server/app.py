@@ -124,7 +124,7 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
         docs_url=None,  # offline docs: server.browser
-        redoc_url=None,
+        redoc_url=None,  # its page loads a logo from a CDN
     )
     app.state.settings, app.state.metrics, app.state.pipeline = settings, metrics, pipeline
     install_error_handlers(app, on_reject=metrics.reject)

@@ -1,9 +1,10 @@
-"""What a browser gets from the server: the demo page at `/`, offline API docs at `/docs` and `/redoc`, CORS.
+"""What a browser gets from the server: the demo page at `/`, offline API docs at `/docs`, CORS.
 
 - The demo page (server/static/) is plain HTML, JS and CSS with no external resource; it calls the public API
   (`GET /v1/model`, `POST /detect`) like any client.
-- Swagger UI and ReDoc load their assets from the app (the files the `fastapi-offline` package ships, MIT), not
-  from a CDN, so the docs work with no internet; FastAPI's documented `get_swagger_ui_html` pattern.
+- Swagger UI loads its assets from the app (the files the `fastapi-offline` package ships, MIT), not from a
+  CDN, so the docs work with no internet; FastAPI's documented `get_swagger_ui_html` pattern. There is no
+  /redoc: ReDoc's page fetches its logo from its CDN whatever it is told.
 - CORS (`SSD_CORS_ORIGINS`, comma-separated; empty: off) is Starlette's CORSMiddleware.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -35,7 +36,7 @@ def cors_origins(setting: str) -> list[str]:
 
 
 def install(app: FastAPI, cors: str) -> None:
-    """Add the demo page, the offline docs (create the app with docs_url=None, redoc_url=None) and CORS."""
+    """Add the demo page, the offline docs (create the app with docs_url=None) and CORS."""
     app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="static")
     app.mount(DOCS_ASSETS_URL, StaticFiles(directory=docs_assets_dir()), name="docs-assets")
     openapi_url = app.openapi_url or "/openapi.json"
@@ -53,16 +54,6 @@ def install(app: FastAPI, cors: str) -> None:
             swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css",
             swagger_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png",
             swagger_ui_parameters={"validatorUrl": None},  # the online validator badge would call out
-        )
-
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc() -> HTMLResponse:
-        return get_redoc_html(
-            openapi_url=openapi_url,
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{DOCS_ASSETS_URL}/redoc.standalone.js",
-            redoc_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png",
-            with_google_fonts=False,
         )
 
     origins = cors_origins(cors)

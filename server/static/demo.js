@@ -151,7 +151,8 @@ async function detect(file) {
   state.bitmap = bitmap;
   state.response = body;
   const roundTrip = performance.now() - started;
-  setStatus(`${body.width}×${body.height}, ${body.detections.length} detections from ${body.model}; ` +
+  const floor = $("threshold").min;
+  setStatus(`${body.width}×${body.height} image: ${body.detections.length} detections scored ≥ ${floor}; ` +
     `round trip ${roundTrip.toFixed(0)} ms`);
   renderTimings(body.timings_ms);
   render();
