@@ -40,7 +40,11 @@ class Style:
     @classmethod
     def for_size(cls, width: int, height: int) -> Style:
         short = min(width, height)
-        return cls(line_width=max(2, round(short / 250)), font_size=max(11, round(short / 32)), padding=max(1, round(short / 400)))
+        return cls(
+            line_width=max(2, round(short / 250)),
+            font_size=max(11, round(short / 32)),
+            padding=max(1, round(short / 400)),
+        )
 
 
 def class_colour(class_id: int) -> tuple[int, int, int]:

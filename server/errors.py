@@ -1,7 +1,8 @@
 """Domain exceptions and the one place that maps them to HTTP responses.
 
-Every error body is JSON `{"error": <code>, "detail": <text>, "request_id": <X-Request-ID>}`. The modules that detect a problem raise a
-`ServerError` subclass and know nothing about HTTP; `install_error_handlers` turns them into responses.
+Every error body is JSON `{"error": <code>, "detail": <text>}`. The modules that detect a problem raise a
+`ServerError` subclass and know nothing about HTTP; `install_error_handlers` turns them into responses, whose
+bodies also carry `"request_id"` (the request's X-Request-ID, server.requestid).
 """
 
 from __future__ import annotations

@@ -221,7 +221,8 @@ def test_captions_scale_with_the_image(size: tuple[int, int]) -> None:
 
 def test_caption_is_clipped_to_a_small_box() -> None:
     image = Image.new("RGB", (400, 300), (0, 0, 0))
-    detection = {"class_id": 1, "label": "person", "score": 0.9, "box": {"x1": 100.4, "y1": 50.6, "x2": 110.2, "y2": 58.0}}
+    box = {"x1": 100.4, "y1": 50.6, "x2": 110.2, "y2": 58.0}
+    detection = {"class_id": 1, "label": "person", "score": 0.9, "box": box}
     out = np.asarray(draw_detections(image, [detection]))
     painted = np.argwhere(np.any(out != 0, axis=2))
     assert painted.size

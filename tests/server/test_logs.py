@@ -81,7 +81,8 @@ def test_access_lines_carry_the_request(json_server: ServerProcess) -> None:
 def test_batch_reports_every_image(json_server: ServerProcess) -> None:
     data = CATS.read_bytes()
     files = [("images", ("a.jpg", data, "image/jpeg")), ("images", ("b.jpg", data, "image/jpeg"))]
-    response = httpx.post(f"{json_server.url}/detect/batch", files=files, headers={"x-request-id": "batch-2"}, timeout=60)
+    headers = {"x-request-id": "batch-2"}
+    response = httpx.post(f"{json_server.url}/detect/batch", files=files, headers=headers, timeout=60)
     assert response.status_code == 200
     assert access_entry(json_server, "batch-2")["images"] == ["1200x600", "1200x600"]
 
