@@ -103,7 +103,7 @@ def test_access_log_line(logged: ServerProcess) -> None:
         timeout=60,
     )
     assert response.status_code == 200
-    line = wait_for_log(logged, r'INFO +server\.access: .*"POST /detect" 200 [\d.]+ ms image 1200x600 \[access-42\]$')
+    wait_for_log(logged, r'INFO +server\.access: .*"POST /detect" 200 [\d.]+ ms image 1200x600 \[access-42\]$')
     missing = httpx.get(f"{logged.url}/nowhere", timeout=60)
     wait_for_log(logged, rf'"GET /nowhere" 404 [\d.]+ ms \[{missing.headers["x-request-id"]}\]$')
     assert "HTTP/1.1\" 200" not in logged.log()  # uvicorn's own access line is off: one line per request
