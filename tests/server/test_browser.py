@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from server.__main__ import load_settings
 from server.annotate import Style, pixel_box
+from server.browser import cors_origins
 from server.testing import REPO_ROOT, ServerProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -37,13 +39,12 @@ ARTIFACTS = REPO_ROOT / "test-artifacts"
 SCREENSHOT = REPO_ROOT / "docs" / "demo.png"
 TIMEOUT_MS = 60_000
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (make system-deps installs it)"
-)
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (make system-deps installs it)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -275,3 +276,9 @@ def test_cors_is_off_by_default(server_url: str) -> None:
         f"{server_url}/detect", headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
     )
     assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_cors_origins_setting() -> None:
+    settings = load_settings(["--cors-origins", "http://a.example, https://b.example:8443,"])
+    assert cors_origins(settings.cors_origins) == ["http://a.example", "https://b.example:8443"]
+    assert cors_origins(load_settings([]).cors_origins) == []
