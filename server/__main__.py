@@ -13,9 +13,8 @@ import typing
 
 from pydantic import ValidationError
 
+from server import logs
 from server.settings import Settings
-
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return 2
 
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     import uvicorn
 
     from server.app import create_app
@@ -84,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         app,
         host=settings.host,
         port=settings.port,
-        log_config=None,  # our basicConfig above formats uvicorn's records too
+        log_config=logs.logging_config(settings.log_format, settings.log_level),  # every logger, uvicorn's too
         log_level=settings.log_level,
-        access_log=settings.access_log,
+        access_log=False,  # server.requestid writes the access log (with request ids, latency, image size)
         timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)

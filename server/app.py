@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import uploads
+from server import annotate, browser, requestid, uploads
 from server.engines.base import Engine
 from server.errors import ServerError, install_error_handlers
 from server.metrics import Metrics
@@ -29,8 +29,10 @@ from server.settings import Settings
 
 logger = logging.getLogger("server.app")
 
-ENDPOINTS = frozenset({"/detect", "/detect/batch", "/metrics", "/healthz", "/readyz", "/v1/model"})
-DETECT_ENDPOINTS = frozenset({"/detect", "/detect/batch"})
+ENDPOINTS = frozenset(
+    {"/detect", "/detect/batch", "/detect/annotated", "/metrics", "/healthz", "/readyz", "/v1/model"}
+)
+DETECT_ENDPOINTS = frozenset({"/detect", "/detect/batch", "/detect/annotated"})
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "application/octet-stream")
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 DETECT_BODY = {
@@ -121,11 +123,15 @@ def create_app(
         summary="SSD object detection over HTTP with dynamic batching",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # offline docs: server.browser
+        redoc_url=None,  # its page loads a logo from a CDN
     )
     app.state.settings, app.state.metrics, app.state.pipeline = settings, metrics, pipeline
     install_error_handlers(app, on_reject=metrics.reject)
     app.add_middleware(uploads.BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.reject)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every response, 413s included
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every response, 413s included
+    app.add_middleware(requestid.RequestIdMiddleware, endpoints=ENDPOINTS, access_log=settings.access_log)  # outermost
+    browser.install(app, settings.cors_origins)
 
     @app.post("/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=DETECT_BODY)
     async def detect(
@@ -136,6 +142,26 @@ def create_app(
         options = pipeline.options(score_threshold, max_detections)
         upload = await uploads.single_image(request)
         return json_response(await pipeline.detect(upload, options, received_at))
+
+    @app.post(
+        "/detect/annotated",
+        response_class=Response,
+        responses={200: {"content": {annotate.JPEG: {}, annotate.PNG: {}}}, **ERRORS},
+        openapi_extra=DETECT_BODY,
+    )
+    async def detect_annotated(
+        request: Request, score_threshold: float | None = ScoreThreshold, max_detections: int | None = MaxDetections
+    ) -> Response:
+        """/detect's detections drawn on the image at its original size: JPEG, or PNG if `Accept` prefers it."""
+        received_at = time.perf_counter()
+        options = pipeline.options(score_threshold, max_detections)
+        upload = await uploads.single_image(request)
+        result = await pipeline.detect(upload, options, received_at)
+        body, media = await annotate.annotated(
+            upload.data, result, request.headers.get("accept"), max_pixels=settings.max_image_pixels
+        )
+        headers = {"Vary": "Accept", "X-Detections": str(len(result["detections"]))}
+        return Response(body, media_type=media, headers=headers)
 
     @app.post("/detect/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY)
     async def detect_batch(

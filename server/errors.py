@@ -1,7 +1,8 @@
 """Domain exceptions and the one place that maps them to HTTP responses.
 
 Every error body is JSON `{"error": <code>, "detail": <text>}`. The modules that detect a problem raise a
-`ServerError` subclass and know nothing about HTTP; `install_error_handlers` turns them into responses.
+`ServerError` subclass and know nothing about HTTP; `install_error_handlers` turns them into responses, whose
+bodies also carry `"request_id"` (the request's X-Request-ID, server.requestid).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+
+from server import requestid
 
 logger = logging.getLogger("server.errors")
 
@@ -95,8 +98,14 @@ class EngineError(ServerError):
     code, status = "engine_error", 500
 
 
+def with_request_id(body: dict[str, object]) -> dict[str, object]:
+    """A response's error body plus the request's id (server.requestid), when there is one."""
+    request_id = requestid.current()
+    return body if request_id is None else {**body, "request_id": request_id}
+
+
 def error_response(exc: ServerError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+    return JSONResponse(with_request_id(exc.body()), status_code=exc.status, headers=exc.headers())
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -127,7 +136,8 @@ def install_error_handlers(app: FastAPI, on_reject: Callable[[str], None] | None
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         reject("validation_error")
-        return JSONResponse({"error": "validation_error", "detail": _validation_detail(exc)}, status_code=422)
+        body = with_request_id({"error": "validation_error", "detail": _validation_detail(exc)})
+        return JSONResponse(body, status_code=422)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -135,7 +145,9 @@ def install_error_handlers(app: FastAPI, on_reject: Callable[[str], None] | None
             exc.status_code, "http_error"
         )
         return JSONResponse(
-            {"error": code, "detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+            with_request_id({"error": code, "detail": str(exc.detail)}),
+            status_code=exc.status_code,
+            headers=exc.headers,
         )
 
     app.add_exception_handler(ServerError, server_error)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from model_export.contract.metadata import ModelMetadata
+from server import requestid
 from server.batcher import BatcherConfig, DynamicBatcher, check_batch_output
 from server.engines import MODEL_SUFFIXES, create_engine
 from server.engines.base import Engine, EngineOptions
@@ -182,6 +183,7 @@ class Pipeline:
         )
         prepared = await loop.run_in_executor(self._decode_pool, job)
         self.metrics.decode_duration.observe(prepared.decode_s)
+        requestid.note_image(prepared.width, prepared.height)  # for the access log
         return prepared
 
     async def detect(self, upload: Upload, options: DetectOptions, received_at: float) -> dict[str, Any]:

@@ -37,6 +37,7 @@ class DetectResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str = Field(description="machine-readable code, e.g. invalid_image, queue_full")
     detail: str
+    request_id: str | None = Field(None, description="the request's X-Request-ID (echoed, or generated)")
 
 
 class BatchItemError(ErrorResponse):

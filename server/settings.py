@@ -17,6 +17,7 @@ DEFAULT_MODEL_NAME = "ssd_mobilenet_v1_coco"
 DEFAULT_MODEL_PATH = Path("weights") / f"{DEFAULT_MODEL_NAME}.onnx"
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LogFormat = Literal["text", "json"]
 
 
 class Settings(BaseSettings):
@@ -60,7 +61,13 @@ class Settings(BaseSettings):
         None, description="offline folder the first-start export fetches weights from (SSD_WEIGHTS_MIRROR)"
     )
     log_level: LogLevel = Field("info", description="log level")
-    access_log: bool = Field(False, description="log every request (uvicorn's access log)")
+    access_log: bool = Field(
+        False, description="log every request: request id, endpoint, status, latency, body bytes, image size"
+    )
+    log_format: LogFormat = Field("text", description="log lines: text, or json (one JSON object per line)")
+    cors_origins: str = Field(
+        "", description="comma-separated origins a browser may call the API from ('*': any); empty: CORS off"
+    )
 
     @model_validator(mode="before")
     @classmethod

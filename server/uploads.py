@@ -16,7 +16,15 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import EmptyBody, InvalidImage, MissingField, PayloadTooLarge, TooManyImages, UnsupportedMediaType
+from server.errors import (
+    EmptyBody,
+    InvalidImage,
+    MissingField,
+    PayloadTooLarge,
+    TooManyImages,
+    UnsupportedMediaType,
+    with_request_id,
+)
 from server.preprocess import check_content_type, media_type
 
 MULTIPART = "multipart/form-data"
@@ -127,7 +135,7 @@ class BodyLimitMiddleware:
     async def _refuse(self, send: Send, detail: str) -> None:
         if self.on_reject is not None:
             self.on_reject(PayloadTooLarge.reject_reason or "payload_too_large")
-        body = json.dumps({"error": PayloadTooLarge.code, "detail": detail}).encode()
+        body = json.dumps(with_request_id({"error": PayloadTooLarge.code, "detail": detail})).encode()
         await send(
             {
                 "type": "http.response.start",
