@@ -205,9 +205,9 @@ def test_settings_are_server_settings(kustomization: str, monkeypatch: pytest.Mo
         pytest.skip(f"{', '.join(sorted(pending))} come with {', '.join(sorted(set(pending.values())))}: merge it")
 
 
-@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
-def test_grace_period_covers_prestop_drain_and_in_flight(kustomization: str) -> None:
-    objects = render(kustomization)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grace_period_covers_prestop_drain_and_in_flight(overlay: str) -> None:
+    objects = render(f"overlays/{overlay}")
     spec = pod_spec(objects)
     container = server_container(spec)
     command = container["lifecycle"]["preStop"]["exec"]["command"]
@@ -219,16 +219,27 @@ def test_grace_period_covers_prestop_drain_and_in_flight(kustomization: str) -> 
     assert budget["drain"] > 0, "no drain: the pod would refuse requests still routed to it"
 
 
+def test_kserve_leaves_shutdown_to_knative_and_keeps_the_drain() -> None:
+    """Knative rejects `lifecycle` and terminationGracePeriodSeconds (its queue-proxy drains the pod); the
+    server's own drain still turns /readyz to 503 before it exits."""
+    objects = render("kserve")
+    predictor = pod_spec(objects)
+    assert "terminationGracePeriodSeconds" not in predictor
+    assert "lifecycle" not in server_container(predictor) and "securityContext" not in predictor
+    assert float(config(objects)["SSD_DRAIN_SECONDS"]) > 0
+    assert predictor["timeout"] > seconds(config(objects))["in_flight"]
+
+
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_locked_down_with_writable_caches(kustomization: str) -> None:
     objects = render(kustomization)
     spec = pod_spec(objects)
-    assert spec["securityContext"]["runAsNonRoot"] is True
-    assert spec["securityContext"]["runAsUser"] == 10001  # the images' user (docker/Dockerfile*)
     volumes = {volume["name"] for volume in spec["volumes"]}
     cache_dir = config(objects)["MODEL_CACHE_DIR"]
     for container in spec["initContainers"] + spec["containers"]:
-        context = container["securityContext"]
+        context = {**spec.get("securityContext", {}), **container["securityContext"]}  # the container's wins
+        assert context["runAsNonRoot"] is True, container["name"]
+        assert context["runAsUser"] == 10001, container["name"]  # the images' user (docker/Dockerfile*)
         assert context["readOnlyRootFilesystem"] is True, container["name"]
         assert context["allowPrivilegeEscalation"] is False, container["name"]
         assert context["capabilities"]["drop"] == ["ALL"], container["name"]
