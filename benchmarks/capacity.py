@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.slo_ms <= 0 or (args.rate is not None and args.rate <= 0) or (args.replicas is not None and args.replicas < 1):
+    bad_rate = args.rate is not None and args.rate <= 0
+    if args.slo_ms <= 0 or bad_rate or (args.replicas is not None and args.replicas < 1):
         print("capacity: --slo-ms and --rate must be positive, --replicas at least 1", file=sys.stderr)
         return 2
     try:

@@ -251,13 +251,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ssd-capacity-") as tmp:
         for replicas in replica_counts:
             results.append(check_replicas(model, settings, replicas, args, Path(tmp)))
-    print(f"\n| replicas | predicted img/s at p99 <= {args.slo_ms:g} ms | measured img/s at that p99 | measured / predicted |")
+    print(f"\n| replicas | predicted img/s at p99 <= {args.slo_ms:g} ms | measured img/s at that p99 "
+          "| measured / predicted |")
     print("|---:|---:|---:|---:|")
     for r in results:
         measured = "none met it" if r["measured_rate_at_slo"] is None else f"{r['measured_rate_at_slo']:.1f}"
         ratio = "-" if r["measured_over_predicted"] is None else f"{r['measured_over_predicted']:.2f}"
         print(f"| {r['replicas']} | {r['predicted']['rate']:.1f} | {measured} | {ratio} |")
-    out = {"kind": "capacity_check", "command": " ".join(["python -m benchmarks.capacity_check", *(argv or sys.argv[1:])]),
+    command = " ".join(["python -m benchmarks.capacity_check", *(argv if argv is not None else sys.argv[1:])])
+    out = {"kind": "capacity_check", "command": command,
            "sweep": str(args.sweep), "setting": args.setting, "slo_ms": args.slo_ms, "model": asdict(model),
            "duration_s": args.duration, "cpus_available": len(os.sched_getaffinity(0)), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
