@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from _deploy_helpers import SHARED, free_port, prometheus_query, require_tool, running_prometheus
-from test_kubernetes import adapter_rule, pod_spec, render, server_container
+from _kubernetes_manifests import adapter_rule, pod_spec, render, server_container
 
 NAMESPACE, POD = "ssd-test", "ssd-serve-7d9f-abcde"
 PHOTO = SHARED / "data" / "images" / "cats_and_dogs.jpg"
