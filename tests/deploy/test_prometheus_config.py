@@ -3,6 +3,7 @@ and the README promise (FPS, p50/p95/p99 latency, mean batch size, error rate)."
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -45,3 +46,37 @@ def test_scrape_every_five_seconds_and_load_the_rules() -> None:
     assert re.search(r"^\s+scrape_interval:\s*5s\s*$", config, re.MULTILINE)
     assert re.search(r"^rule_files:\s*\n\s+-\s*rules\.yml\s*$", config, re.MULTILINE)
     assert '"server:8000"' in config
+
+
+def test_error_ratio_leaves_out_probe_and_scrape_traffic(tmp_path) -> None:
+    """promtool's rule unit test: 5xx on /readyz (loading, draining) and scrapes of /metrics do not count; a 5xx
+    on /detect does, as a share of /detect traffic only."""
+    tests = tmp_path / "rules_test.yml"
+    series = {
+        '/detect", code="200': "0+18x20",  # 0.3/s
+        '/detect", code="503': "0+6x20",  # 0.1/s
+        '/readyz", code="503': "0+60x20",  # 1/s of 503s: a draining server's probes
+        '/healthz", code="200': "0+60x20",
+        '/metrics", code="200': "0+12x20",
+    }
+    lines = [f"rule_files: [{json.dumps(str(PROMETHEUS_RULES))}]", "evaluation_interval: 1m", "tests:",
+             "  - interval: 1m", "    input_series:"]
+    for labels, values in series.items():
+        lines += [f"      - series: 'ssd_requests_total{{instance=\"a:8000\", endpoint=\"{labels}\"}}'",
+                  f"        values: '{values}'"]
+    lines += [
+        "    promql_expr_test:",
+        "      - expr: ssd:requests_errors:ratio_rate1m",
+        "        eval_time: 10m",
+        "        exp_samples:",
+        "          - labels: 'ssd:requests_errors:ratio_rate1m{instance=\"a:8000\"}'",
+        "            value: 0.25",
+        "      - expr: count(endpoint:ssd_requests_errors:ratio_rate1m)",
+        "        eval_time: 10m",
+        "        exp_samples:",
+        "          - labels: '{}'",
+        "            value: 1",
+    ]
+    tests.write_text("\n".join(lines) + "\n")
+    result = promtool("test", "rules", str(tests))
+    assert result.returncode == 0, result.stdout + result.stderr
