@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from server.errors import InvalidTensor, NotReady, ServerError
+from server.errors import InvalidTensor, ServerError
 from server.models import ModelRegistry
 from server.v2 import codec, service
 from server.v2 import grpc_predict_v2_pb2 as pb
@@ -157,13 +157,14 @@ class GrpcServer:
         ]
         self._server = grpc.aio.server(options=options)
         add_GRPCInferenceServiceServicer_to_server(InferenceServicer(models), self._server)
-        self._port = port
 
     async def start(self) -> None:
         try:
             bound = self._server.add_insecure_port(self.address)
         except RuntimeError as exc:
-            raise NotReady(f"cannot listen for gRPC on {self.address}: {exc}") from None
+            raise OSError(f"cannot listen for gRPC on {self.address}: {exc}") from None
+        if bound == 0:
+            raise OSError(f"cannot listen for gRPC on {self.address}")
         await self._server.start()
         host = self.address.rsplit(":", 1)[0]
         logger.info("KServe v2 gRPC listening on %s:%d", host, bound)
