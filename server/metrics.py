@@ -71,7 +71,11 @@ class Metrics:
             registry=registry,
         )
         self.inference_duration = Histogram(
-            "ssd_inference_duration_seconds", "Engine time per batch", per_model, buckets=TIME_BUCKETS, registry=registry
+            "ssd_inference_duration_seconds",
+            "Engine time per batch",
+            per_model,
+            buckets=TIME_BUCKETS,
+            registry=registry,
         )
         self.batch_size = Histogram(
             "ssd_batch_size", "Images per engine batch", per_model, buckets=BATCH_BUCKETS, registry=registry

@@ -133,20 +133,27 @@ def _numpy_type(name: str, datatype: str) -> np.dtype[Any]:
 
 
 def from_json_data(name: str, datatype: str, shape: tuple[int, ...], data: object) -> Data:
-    """A JSON `data` value (flat or nested, row-major) -> the tensor's data."""
+    """A JSON `data` value (flat or nested, row-major; BYTES as UTF-8 strings) -> the tensor's data."""
     if not isinstance(data, list):
         raise InvalidTensor(f"input {name!r}: data must be a JSON list")
+    if datatype != BYTES:
+        return from_values(name, datatype, shape, data)
+    items = list(_flatten(data))
+    if not all(isinstance(item, str) for item in items):
+        raise InvalidTensor(f"input {name!r}: BYTES data in JSON must be strings")
+    return from_values(name, datatype, shape, [item.encode() for item in items])
+
+
+def from_values(name: str, datatype: str, shape: tuple[int, ...], values: list[Any]) -> Data:
+    """Element values (JSON numbers, gRPC typed contents; BYTES as bytes) -> the tensor's data."""
     count = element_count(shape)
     if datatype == BYTES:
-        items = list(_flatten(data))
-        if not all(isinstance(item, str) for item in items):
-            raise InvalidTensor(f"input {name!r}: BYTES data in JSON must be strings")
-        if len(items) != count:
-            raise InvalidTensor(f"input {name!r}: {len(items)} elements for a shape of {count} elements")
-        return [item.encode() for item in items]
+        if len(values) != count:
+            raise InvalidTensor(f"input {name!r}: {len(values)} elements for a shape of {count} elements")
+        return values
     dtype = _numpy_type(name, datatype)
     try:
-        array = np.asarray(data)
+        array = np.asarray(values)
     except ValueError:
         raise InvalidTensor(f"input {name!r}: data is not a regular array") from None
     if array.size != count or array.dtype.kind not in "biuf":

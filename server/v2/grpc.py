@@ -65,7 +65,7 @@ def infer_request(request: pb.ModelInferRequest) -> codec.InferRequest:
             if field is None:
                 raise InvalidTensor(f"input {tensor.name!r}: datatype {tensor.datatype!r} has no typed contents")
             values = list(getattr(tensor.contents, field))
-            data = codec.from_json_data(tensor.name, tensor.datatype, shape, values)
+            data = codec.from_values(tensor.name, tensor.datatype, shape, values)
         inputs.append(codec.Tensor(tensor.name, tensor.datatype, shape, data))
     return codec.InferRequest(
         inputs=inputs,

@@ -23,7 +23,8 @@ def generate(repo_root: Path, out_dir: Path) -> list[Path]:
     from grpc_tools import protoc
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{repo_root}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", str(repo_root / PROTO)]
+    args = ["protoc", f"-I{repo_root}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}"]
+    args.append(str(repo_root / PROTO))
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO}")
     messages = out_dir / PROTO.parent / MODULES[0]

@@ -122,7 +122,8 @@ def _the_input(request: InferRequest, metadata: ModelMetadata, max_images: int) 
     (tensor,) = request.inputs
     if tensor.name == ENCODED_INPUT:
         if tensor.datatype != BYTES or len(tensor.shape) != 1:
-            raise InvalidTensor(f"input {ENCODED_INPUT!r} must be BYTES [N], got {tensor.datatype} {list(tensor.shape)}")
+            got = f"{tensor.datatype} {list(tensor.shape)}"
+            raise InvalidTensor(f"input {ENCODED_INPUT!r} must be BYTES [N], got {got}")
     elif tensor.name == PIXELS_INPUT:
         if tensor.datatype != "UINT8" or tensor.shape[1:] != (height, width, 3) or len(tensor.shape) != 4:
             raise InvalidTensor(

@@ -97,7 +97,9 @@ def engine() -> StandInEngine:
 
 @pytest.fixture()
 def client(model_file: Path, engine: StandInEngine) -> Iterator[TestClient]:
-    settings = Settings(grpc_port=0, model=model_file, max_batch_size=4, max_body_bytes=50_000, max_image_pixels=100_000)
+    settings = Settings(
+        grpc_port=0, model=model_file, max_batch_size=4, max_body_bytes=50_000, max_image_pixels=100_000
+    )
     app = create_app(settings, registry=CollectorRegistry(), engine_factory=lambda: engine)
     with TestClient(app) as test_client:
         wait_ready(test_client)
@@ -245,7 +247,9 @@ def test_docs_describe_the_responses(client: TestClient) -> None:
 def test_not_ready_while_loading_then_ready(model_file: Path, engine: StandInEngine) -> None:
     engine.release.clear()
     app = create_app(
-        Settings(grpc_port=0, model=model_file, max_batch_size=2), registry=CollectorRegistry(), engine_factory=lambda: engine
+        Settings(grpc_port=0, model=model_file, max_batch_size=2),
+        registry=CollectorRegistry(),
+        engine_factory=lambda: engine,
     )
     with TestClient(app) as client:
         loading = client.get("/readyz")
@@ -283,7 +287,9 @@ def test_a_failed_load_is_reported_and_signalled(model_file: Path, engine: Stand
 def test_a_missing_model_file_fails_the_load(tmp_path: Path) -> None:
     reasons: list[str] = []
     app = create_app(
-        Settings(grpc_port=0, model=tmp_path / "absent.onnx"), registry=CollectorRegistry(), on_load_failure=reasons.append
+        Settings(grpc_port=0, model=tmp_path / "absent.onnx"),
+        registry=CollectorRegistry(),
+        on_load_failure=reasons.append,
     )
     with TestClient(app):
         for _ in range(500):

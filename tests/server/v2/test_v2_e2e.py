@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -73,27 +74,27 @@ def grpc_client(v2_server: ServerProcess) -> Iterator[tgrpc.InferenceServerClien
 
 
 @pytest.fixture(params=["http", "grpc"])
-def client(request: pytest.FixtureRequest) -> thttp.InferenceServerClient | tgrpc.InferenceServerClient:
-    return request.getfixturevalue(f"{request.param}_client")  # type: ignore[no-any-return]
+def client(request: pytest.FixtureRequest) -> Any:
+    return request.getfixturevalue(f"{request.param}_client")
 
 
-def module(client: object):  # type: ignore[no-untyped-def]
+def module(client: Any) -> Any:
     return thttp if isinstance(client, thttp.InferenceServerClient) else tgrpc
 
 
-def encoded(client: object, *files: bytes) -> object:
+def encoded(client: Any, *files: bytes) -> Any:
     tensor = module(client).InferInput("image", [len(files)], "BYTES")
     tensor.set_data_from_numpy(np.array(files, dtype=object))
     return tensor
 
 
-def pixels(client: object, array: np.ndarray) -> object:
+def pixels(client: Any, array: np.ndarray) -> Any:
     tensor = module(client).InferInput("images", list(array.shape), "UINT8")
     tensor.set_data_from_numpy(array)
     return tensor
 
 
-def detect(server: ServerProcess, data: bytes, **params: object) -> dict:  # type: ignore[type-arg]
+def detect(server: ServerProcess, data: bytes, **params: object) -> dict[str, Any]:
     response = httpx.post(
         f"{server.url}/detect", params=params, content=data, headers={"content-type": "image/jpeg"}, timeout=300
     )
@@ -101,28 +102,28 @@ def detect(server: ServerProcess, data: bytes, **params: object) -> dict:  # typ
     return response.json()  # type: ignore[no-any-return]
 
 
-def assert_same_as_detect(body: dict, result: object, index: int) -> None:  # type: ignore[type-arg]
+def assert_same_as_detect(body: dict[str, Any], result: Any, index: int) -> None:
     """v2 outputs of image `index` == /detect's detections: same classes, scores, boxes within 0.5 px."""
     width, height = body["width"], body["height"]
-    n = int(result.as_numpy("num_detections")[index])  # type: ignore[attr-defined]
+    n = int(result.as_numpy("num_detections")[index])
     assert n == len(body["detections"])
-    boxes = result.as_numpy("boxes")[index, :n] * np.array([width, height, width, height])  # type: ignore[attr-defined]
+    boxes = result.as_numpy("boxes")[index, :n] * np.array([width, height, width, height])
     expected = np.array([[d["box"][k] for k in ("x1", "y1", "x2", "y2")] for d in body["detections"]]).reshape(-1, 4)
     np.testing.assert_allclose(boxes, expected, atol=0.5)
-    assert result.as_numpy("classes")[index, :n].tolist() == [d["class_id"] for d in body["detections"]]  # type: ignore[attr-defined]
+    assert result.as_numpy("classes")[index, :n].tolist() == [d["class_id"] for d in body["detections"]]
     np.testing.assert_allclose(
-        result.as_numpy("scores")[index, :n], [d["score"] for d in body["detections"]], atol=2e-6  # type: ignore[attr-defined]
+        result.as_numpy("scores")[index, :n], [d["score"] for d in body["detections"]], atol=2e-6
     )
-    assert not result.as_numpy("scores")[index, n:].any()  # type: ignore[attr-defined]
+    assert not result.as_numpy("scores")[index, n:].any()
 
 
 # ---------------------------------------------------------------------------------------------- health, metadata
 
 
-def test_live_ready_and_model_ready(client: object) -> None:
-    assert client.is_server_live() and client.is_server_ready()  # type: ignore[attr-defined]
+def test_live_ready_and_model_ready(client: Any) -> None:
+    assert client.is_server_live() and client.is_server_ready()
     for name in (DEFAULT_MODEL_NAME, SECOND):
-        assert client.is_model_ready(name) and client.is_model_ready(name, "1")  # type: ignore[attr-defined]
+        assert client.is_model_ready(name) and client.is_model_ready(name, "1")
 
 
 def test_server_metadata(http_client: thttp.InferenceServerClient, grpc_client: tgrpc.InferenceServerClient) -> None:
@@ -149,34 +150,35 @@ def test_model_metadata_names_the_interface(
             ("labels", "BYTES", [-1, 200]),
         ]
         message = grpc_client.get_model_metadata(name, "1", as_json=True)
-        assert message["inputs"][1] == {"name": "images", "datatype": "UINT8", "shape": ["-1", str(size), str(size), "3"]}
+        shape = ["-1", str(size), str(size), "3"]  # int64 as JSON strings
+        assert message["inputs"][1] == {"name": "images", "datatype": "UINT8", "shape": shape}
         assert [o["name"] for o in message["outputs"]] == [o["name"] for o in body["outputs"]]
 
 
 # ---------------------------------------------------------------------------------------------- inference
 
 
-def test_encoded_images_give_detect_results(client: object, v2_server: ServerProcess) -> None:
+def test_encoded_images_give_detect_results(client: Any, v2_server: ServerProcess) -> None:
     files = [photo.read_bytes() for photo in PHOTOS]
-    result = client.infer(DEFAULT_MODEL_NAME, [encoded(client, *files)])  # type: ignore[attr-defined]
+    result = client.infer(DEFAULT_MODEL_NAME, [encoded(client, *files)])
     assert result.as_numpy("boxes").shape == (len(files), 200, 4)
     assert result.as_numpy("labels") is None  # only when asked for
     for index, data in enumerate(files):
         assert_same_as_detect(detect(v2_server, data), result, index)
 
 
-def test_pixels_at_the_input_size_give_detect_results(client: object, v2_server: ServerProcess) -> None:
+def test_pixels_at_the_input_size_give_detect_results(client: Any, v2_server: ServerProcess) -> None:
     files = [photo.read_bytes() for photo in PHOTOS[:3]]
     batch = np.stack([preprocess(data, (300, 300)).pixels for data in files])  # what the server feeds the engine
-    result = client.infer(DEFAULT_MODEL_NAME, [pixels(client, batch)])  # type: ignore[attr-defined]
+    result = client.infer(DEFAULT_MODEL_NAME, [pixels(client, batch)])
     for index, data in enumerate(files):
         assert_same_as_detect(detect(v2_server, data), result, index)
 
 
-def test_parameters_and_labels_as_on_detect(client: object, v2_server: ServerProcess) -> None:
+def test_parameters_and_labels_as_on_detect(client: Any, v2_server: ServerProcess) -> None:
     data = CATS.read_bytes()
     outputs = [module(client).InferRequestedOutput(name) for name in ("labels", "num_detections", "scores")]
-    result = client.infer(  # type: ignore[attr-defined]
+    result = client.infer(
         DEFAULT_MODEL_NAME,
         [encoded(client, data)],
         outputs=outputs,
@@ -210,14 +212,14 @@ def test_json_tensors_without_the_binary_extension(v2_server: ServerProcess) -> 
     assert classes["data"][: len(detections)] == [d["class_id"] for d in detections]
 
 
-def test_the_second_model_over_every_front_end(client: object, v2_server: ServerProcess) -> None:
+def test_the_second_model_over_every_front_end(client: Any, v2_server: ServerProcess) -> None:
     """Random weights, so no particular detections: the same ones over /detect?model= and v2, and a 320 input."""
     data = CATS.read_bytes()
     body = detect(v2_server, data, model=SECOND, score_threshold=0.01)
-    result = client.infer(SECOND, [encoded(client, data)])  # type: ignore[attr-defined]
+    result = client.infer(SECOND, [encoded(client, data)])
     assert_same_as_detect(body, result, 0)
     batch = np.stack([preprocess(data, (320, 320)).pixels] * 2)
-    result = client.infer(SECOND, [pixels(client, batch)], model_version="1")  # type: ignore[attr-defined]
+    result = client.infer(SECOND, [pixels(client, batch)], model_version="1")
     assert_same_as_detect(body, result, 1)
     listed = httpx.get(f"{v2_server.url}/v1/models").json()
     assert [(m["name"], m["input_size"]) for m in listed] == [(DEFAULT_MODEL_NAME, [300, 300]), (SECOND, [320, 320])]
@@ -310,25 +312,27 @@ def expect_error(call: Callable[[], object], http_status: str, grpc_status: str,
             lambda m: m.InferInput("images", [1, 200, 200, 3], "UINT8"), "400", "INVALID_ARGUMENT", "[N, 300, 300, 3]",
             id="shape",
         ),
-        pytest.param(lambda m: m.InferInput("pixels", [1], "BYTES"), "400", "INVALID_ARGUMENT", "unknown input", id="name"),
+        pytest.param(
+            lambda m: m.InferInput("pixels", [1], "BYTES"), "400", "INVALID_ARGUMENT", "unknown input", id="name"
+        ),
     ],
 )
 def test_a_tensor_that_does_not_fit_is_refused(
-    client: object, make: Callable[..., object], http_status: str, grpc_status: str, match: str
+    client: Any, make: Callable[..., object], http_status: str, grpc_status: str, match: str
 ) -> None:
     tensor = make(module(client))
-    datatype, shape = tensor.datatype(), tensor.shape()  # type: ignore[attr-defined]
+    datatype, shape = tensor.datatype(), tensor.shape()
     if datatype == "BYTES":
-        tensor.set_data_from_numpy(np.array([b"x"] * int(np.prod(shape)), dtype=object).reshape(shape))  # type: ignore[attr-defined]
+        tensor.set_data_from_numpy(np.array([b"x"] * int(np.prod(shape)), dtype=object).reshape(shape))
     else:
         dtype = np.float32 if datatype == "FP32" else np.uint8
-        tensor.set_data_from_numpy(np.zeros(shape, dtype=dtype))  # type: ignore[attr-defined]
-    expect_error(lambda: client.infer(DEFAULT_MODEL_NAME, [tensor]), http_status, grpc_status, match)  # type: ignore[attr-defined]
+        tensor.set_data_from_numpy(np.zeros(shape, dtype=dtype))
+    expect_error(lambda: client.infer(DEFAULT_MODEL_NAME, [tensor]), http_status, grpc_status, match)
 
 
-def test_bad_elements_requests_and_names_are_refused(client: object) -> None:
+def test_bad_elements_requests_and_names_are_refused(client: Any) -> None:
     good = CATS.read_bytes()
-    infer = client.infer  # type: ignore[attr-defined]
+    infer = client.infer
     expect_error(
         lambda: infer(DEFAULT_MODEL_NAME, [encoded(client, good, b"not an image")]),
         "400",
@@ -345,7 +349,7 @@ def test_bad_elements_requests_and_names_are_refused(client: object) -> None:
     expect_error(
         lambda: infer(DEFAULT_MODEL_NAME, [encoded(client, good)], model_version="2"), "404", "NOT_FOUND", "version"
     )
-    expect_error(lambda: client.get_model_metadata("nope"), "404", "NOT_FOUND", "no model")  # type: ignore[attr-defined]
+    expect_error(lambda: client.get_model_metadata("nope"), "404", "NOT_FOUND", "no model")
     expect_error(
         lambda: infer(DEFAULT_MODEL_NAME, [encoded(client, good)], parameters={"score_threshold": 2.0}),
         "400",
@@ -365,7 +369,7 @@ def test_bad_elements_requests_and_names_are_refused(client: object) -> None:
         "INVALID_ARGUMENT",
         "unknown output 'masks'",
     )
-    assert client.is_server_ready()  # type: ignore[attr-defined]
+    assert client.is_server_ready()
 
 
 def raw_infer(server: ServerProcess, body: bytes, headers: dict[str, str]) -> httpx.Response:
@@ -393,7 +397,8 @@ def test_a_malformed_binary_body_is_refused(
     size = len(binary) if declared is None else declared
     if match == "bytes of binary data after":
         binary += b"junk"
-    request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": size}}]}
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": size}}
+    request = {"inputs": [tensor]}
     text = json.dumps(request).encode()
     response = raw_infer(v2_server, text + binary, {"Inference-Header-Content-Length": header or str(len(text))})
     assert response.status_code == 400, response.text
@@ -405,11 +410,15 @@ def test_a_body_that_is_not_a_request_is_refused(v2_server: ServerProcess) -> No
         response = raw_infer(v2_server, body, {"content-type": "application/json"})
         assert response.status_code == 400 and "error" in response.json(), response.text
     response = httpx.get(f"{v2_server.url}/v2/models/nope/ready")
-    assert response.status_code == 404 and response.json() == {"error": "no model named 'nope'; served: "
-                                                                         f"{DEFAULT_MODEL_NAME}, {SECOND}"}
+    served = f"{DEFAULT_MODEL_NAME}, {SECOND}"
+    assert response.status_code == 404 and response.json() == {"error": f"no model named 'nope'; served: {served}"}
     assert httpx.get(f"{v2_server.url}/v2/models/{SECOND}/versions/7").status_code == 404
-    response = httpx.post(f"{v2_server.url}/detect", params={"model": "nope"}, content=CATS.read_bytes(),
-                          headers={"content-type": "image/jpeg"})
+    response = httpx.post(
+        f"{v2_server.url}/detect",
+        params={"model": "nope"},
+        content=CATS.read_bytes(),
+        headers={"content-type": "image/jpeg"},
+    )
     assert response.status_code == 404 and response.json()["error"] == "model_not_found"
 
 
