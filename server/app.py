@@ -114,7 +114,7 @@ def create_app(
         if settings.grpc_port:
             from server.v2.grpc import GrpcServer  # imported only when served: grpcio and the v2 messages
 
-            grpc_server = GrpcServer(models, settings.host, settings.grpc_port, settings.max_body_bytes)
+            grpc_server = GrpcServer(models, metrics, settings.host, settings.grpc_port, settings.max_body_bytes)
             await grpc_server.start()
         loading = asyncio.create_task(load(), name="load-model")
         try:

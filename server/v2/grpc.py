@@ -8,11 +8,13 @@ grpc_predict_v2.proto (generated modules next to this file).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import grpc
 
 from server.errors import InvalidTensor, ServerError
+from server.metrics import Metrics
 from server.models import ModelRegistry
 from server.v2 import codec, service
 from server.v2 import grpc_predict_v2_pb2 as pb
@@ -76,8 +78,12 @@ def infer_request(request: pb.ModelInferRequest) -> codec.InferRequest:
 
 
 class InferenceServicer(GRPCInferenceServiceServicer):
-    def __init__(self, models: ModelRegistry) -> None:
+    def __init__(self, models: ModelRegistry, metrics: Metrics) -> None:
         self.models = models
+        self.metrics = metrics
+
+    def _call(self, context: Any, method: str) -> _Call:
+        return _Call(context, self.metrics, method)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:  # noqa: N802
         return pb.ServerLiveResponse(live=self.models.status != "failed")
@@ -86,7 +92,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.models.status == "ready")
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:  # noqa: N802
-        async with _errors(context):
+        async with self._call(context, "ModelReady"):
             pipeline = self.models.get(request.name)
             service.check_version(request.name, request.version)
             return pb.ModelReadyResponse(ready=pipeline.status == "ready")
@@ -99,7 +105,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     async def ModelMetadata(  # noqa: N802
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
-        async with _errors(context):
+        async with self._call(context, "ModelMetadata"):
             pipeline = self.models.get(request.name)
             service.check_version(request.name, request.version)
             metadata = service.model_metadata(request.name, pipeline)
@@ -112,7 +118,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
-        async with _errors(context):
+        async with self._call(context, "ModelInfer"):
             pipeline = self.models.get(request.model_name)
             service.check_version(request.model_name, request.model_version)
             outputs = await service.infer(pipeline, infer_request(request))
@@ -128,19 +134,33 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             )
 
 
-class _errors:  # noqa: N801 - used as `async with _errors(context)`
-    """A domain error -> the gRPC status it maps to, with its message (the v2 error)."""
+class _Call:
+    """One RPC: a domain error -> the gRPC status it maps to, with its message (the v2 error); counted in
+    ssd_requests_total{endpoint="grpc/<method>", code=<the HTTP status it would have had>} and the duration
+    histogram, like HTTP requests (ModelInfer also in ssd_requests_in_flight); refusals in ssd_rejected_requests."""
 
-    def __init__(self, context: Any) -> None:
-        self.context = context
+    def __init__(self, context: Any, metrics: Metrics, method: str) -> None:
+        self.context, self.metrics, self.method = context, metrics, method
+        self.endpoint = f"grpc/{method}"
+        self.in_flight = method == "ModelInfer"
+        self.started = 0.0
 
     async def __aenter__(self) -> None:
-        return None
+        self.started = time.perf_counter()
+        if self.in_flight:
+            self.metrics.requests_in_flight.inc()
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if self.in_flight:
+            self.metrics.requests_in_flight.dec()
+        status = 200 if exc is None else exc.status if isinstance(exc, ServerError) else 500
+        self.metrics.request_duration.labels(endpoint=self.endpoint).observe(time.perf_counter() - self.started)
+        self.metrics.requests.labels(endpoint=self.endpoint, code=str(status)).inc()
         if isinstance(exc, ServerError):
-            if exc.status >= 500 and exc.reject_reason is None:
-                logger.error("gRPC request failed: %s", exc.detail)
+            if exc.reject_reason is not None:
+                self.metrics.reject(exc.reject_reason)
+            elif exc.status >= 500:
+                logger.error("gRPC %s failed: %s", self.method, exc.detail)
             await self.context.abort(STATUS_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.detail)
         return False
 
@@ -148,7 +168,7 @@ class _errors:  # noqa: N801 - used as `async with _errors(context)`
 class GrpcServer:
     """grpc.aio server for `models` on host:port; `start` raises if the port cannot be bound."""
 
-    def __init__(self, models: ModelRegistry, host: str, port: int, max_message_bytes: int) -> None:
+    def __init__(self, models: ModelRegistry, metrics: Metrics, host: str, port: int, max_message_bytes: int) -> None:
         self.address = f"{host}:{port}"
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -156,7 +176,7 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),  # a taken port is an error, not a second listener
         ]
         self._server = grpc.aio.server(options=options)
-        add_GRPCInferenceServiceServicer_to_server(InferenceServicer(models), self._server)
+        add_GRPCInferenceServiceServicer_to_server(InferenceServicer(models, metrics), self._server)
 
     async def start(self) -> None:
         try:

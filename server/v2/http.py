@@ -12,6 +12,7 @@ protocol calls malformed is 400, an unknown model or version 404, not ready or q
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from server.models import ModelRegistry
 from server.v2 import codec, service
 
 INFER_ENDPOINT = "/v2/infer"  # the metrics' endpoint label of every model's infer route
+INLINE_PARSE_BYTES = 1 << 20  # larger request bodies are parsed in a worker thread
 
 
 def is_infer_path(path: str) -> bool:
@@ -98,7 +100,12 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     """One v2 inference request; every element joins the dynamic batcher on its own."""
     pipeline = _models(request).get(name)
     service.check_version(name, version)
-    infer_request = codec.parse_http_request(await request.body(), request.headers.get(codec.HEADER_LENGTH))
+    body, header_length = await request.body(), request.headers.get(codec.HEADER_LENGTH)
+    if len(body) > INLINE_PARSE_BYTES:  # megabytes of JSON numbers take long enough to stall the event loop
+        loop = asyncio.get_running_loop()
+        infer_request = await loop.run_in_executor(None, codec.parse_http_request, body, header_length)
+    else:
+        infer_request = codec.parse_http_request(body, header_length)
     outputs = await service.infer(pipeline, infer_request)
     default_binary = infer_request.parameters.get("binary_data_output") is True
     asked = {output.name: output.binary for output in infer_request.outputs}
@@ -106,5 +113,5 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     header: dict[str, Any] = {"model_name": name, "model_version": service.MODEL_VERSION}
     if infer_request.id:
         header["id"] = infer_request.id
-    body, headers = codec.http_response(header, outputs, binary)
-    return Response(body, headers=headers)
+    content, headers = codec.http_response(header, outputs, binary)
+    return Response(content, headers=headers)

@@ -431,3 +431,31 @@ def test_a_taken_grpc_port_stops_the_server(server_factory: Callable[..., Server
         port = holder.getsockname()[1]
         with pytest.raises(Exception, match="gRPC"):
             server_factory({"grpc_port": port, "warmup": False}, wait_ready=False)
+
+
+def test_v2_requests_are_counted_like_http_requests(
+    v2_server: ServerProcess, http_client: thttp.InferenceServerClient, grpc_client: tgrpc.InferenceServerClient
+) -> None:
+    def counts() -> dict[tuple[str, str], float]:
+        text = httpx.get(f"{v2_server.url}/metrics").text
+        return {
+            (s.labels["endpoint"], s.labels["code"]): s.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "ssd_requests"
+            for s in family.samples
+            if s.name == "ssd_requests_total"
+        }
+
+    before = counts()
+    good = CATS.read_bytes()
+    http_client.infer(DEFAULT_MODEL_NAME, [encoded(http_client, good)])
+    grpc_client.infer(DEFAULT_MODEL_NAME, [encoded(grpc_client, good)])
+    with pytest.raises(InferenceServerException):
+        grpc_client.infer(DEFAULT_MODEL_NAME, [encoded(grpc_client, b"not an image")])
+    after = counts()
+
+    def delta(endpoint: str, code: str) -> float:
+        return after.get((endpoint, code), 0.0) - before.get((endpoint, code), 0.0)
+
+    assert delta("/v2/infer", "200") == 1
+    assert delta("grpc/ModelInfer", "200") == 1 and delta("grpc/ModelInfer", "400") == 1
