@@ -56,8 +56,11 @@ class ModelRegistry:
 
     @property
     def error(self) -> str | None:
-        errors = [f"{name}: {p.error}" for name, p in self._pipelines.items() if p.error is not None]
-        return "; ".join(errors) or None
+        """The load errors; each prefixed with its model's name when there are several models."""
+        failed = [(name, p.error) for name, p in self._pipelines.items() if p.error is not None]
+        if len(self._pipelines) == 1:
+            return failed[0][1] if failed else None
+        return "; ".join(f"{name}: {error}" for name, error in failed) or None
 
     async def start(self) -> None:
         """Load every model at once (each has its own engine thread); never raises, like Pipeline.start."""
