@@ -14,7 +14,7 @@ INFERENCE = "ssd_inference_duration_seconds"
 DECODE = "ssd_decode_duration_seconds"
 IMAGES = "ssd_images_processed_total"
 REQUEST_DURATION = "ssd_request_duration_seconds"
-DETECT_ENDPOINTS = frozenset({"/detect", "/detect/batch"})
+DETECT_ENDPOINTS = frozenset({"/detect", "/detect/batch", "/v2/infer"})  # /v2/infer: every model's v2 infer
 
 
 def parse_samples(text: str) -> dict[str, float]:
@@ -45,7 +45,7 @@ class ServerStats:
     mean_inference_ms: float  # per batch
     mean_decode_ms: float  # per image
     images_processed: float
-    mean_request_duration_ms: float  # /detect and /detect/batch, as the server sees them
+    mean_request_duration_ms: float  # /detect, /detect/batch and v2 infer, as the server sees them
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)

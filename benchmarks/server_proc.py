@@ -36,7 +36,7 @@ def server_env(settings: Mapping[str, object]) -> dict[str, str]:
     env = dict(os.environ)
     if "SSD_WEIGHTS_MIRROR" not in env and DEFAULT_MIRROR.is_dir():
         env["SSD_WEIGHTS_MIRROR"] = str(DEFAULT_MIRROR)
-    env.update({"SSD_HOST": "127.0.0.1", "SSD_PORT": "0", "PYTHONUNBUFFERED": "1"})
+    env.update({"SSD_HOST": "127.0.0.1", "SSD_PORT": "0", "SSD_GRPC_PORT": "0", "PYTHONUNBUFFERED": "1"})
     for name, value in settings.items():
         env[f"SSD_{name.upper()}"] = str(value)
     return env

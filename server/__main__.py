@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{field.description} (env {env}; default {default})"
         if _is_bool(field.annotation):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(field.annotation) is tuple:  # repeatable: --model a.onnx --model b.onnx
+            parser.add_argument(flag, dest=name, action="append", default=None, metavar=name.upper(), help=help_text)
         else:
             parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
     return parser

@@ -23,9 +23,10 @@ from server import annotate, browser, requestid, uploads
 from server.engines.base import Engine
 from server.errors import ServerError, install_error_handlers
 from server.metrics import Metrics
-from server.pipeline import Pipeline
+from server.models import ModelRegistry
 from server.schemas import BatchResponse, DetectResponse, ErrorResponse, Health, ModelInfo, Readiness
 from server.settings import Settings
+from server.v2 import http as v2_http
 
 logger = logging.getLogger("server.app")
 
@@ -74,6 +75,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 ScoreThreshold = Query(None, ge=0.0, le=1.0, description="keep detections scoring at least this (default: the model's)")
 MaxDetections = Query(None, ge=1, description="at most this many detections, highest first (default: the model's K)")
+ModelName = Query(None, description="the model to use, by name (GET /v1/models); default: the first model")
 
 
 def _dumps_stdlib(content: Any) -> bytes:
@@ -100,23 +102,32 @@ def create_app(
     """The app for `settings`. `engine_factory` replaces the registry's engine (tests); `on_load_failure` is
     called with the reason if the model cannot be loaded (the CLI uses it to exit)."""
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
-    pipeline = Pipeline(settings, metrics, engine_factory)
+    models = ModelRegistry(settings, metrics, engine_factory)
+    pipeline = models.default
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def load() -> None:
-            await pipeline.start()
-            if pipeline.status == "failed" and on_load_failure is not None:
-                on_load_failure(pipeline.error or "unknown error")
+            await models.start()
+            if models.status == "failed" and on_load_failure is not None:
+                on_load_failure(models.error or "unknown error")
 
+        grpc_server = None
+        if settings.grpc_port:
+            from server.v2.grpc import GrpcServer  # imported only when served: grpcio and the v2 messages
+
+            grpc_server = GrpcServer(models, metrics, settings.host, settings.grpc_port, settings.max_body_bytes)
+            await grpc_server.start()
         loading = asyncio.create_task(load(), name="load-model")
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop()
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
-            await pipeline.stop()
+            await models.stop()
 
     app = FastAPI(
         title="ssd-serve",
@@ -127,6 +138,7 @@ def create_app(
         redoc_url=None,  # its page loads a logo from a CDN
     )
     app.state.settings, app.state.metrics, app.state.pipeline = settings, metrics, pipeline
+    app.state.models = models
     install_error_handlers(app, on_reject=metrics.reject)
     app.add_middleware(uploads.BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.reject)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every response, 413s included
@@ -135,10 +147,14 @@ def create_app(
 
     @app.post("/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=DETECT_BODY)
     async def detect(
-        request: Request, score_threshold: float | None = ScoreThreshold, max_detections: int | None = MaxDetections
+        request: Request,
+        score_threshold: float | None = ScoreThreshold,
+        max_detections: int | None = MaxDetections,
+        model: str | None = ModelName,
     ) -> Response:
         """Detect objects in one image: multipart field `image`, or the raw body with an image content type."""
         received_at = time.perf_counter()
+        pipeline = models.get(model)
         options = pipeline.options(score_threshold, max_detections)
         upload = await uploads.single_image(request)
         return json_response(await pipeline.detect(upload, options, received_at))
@@ -150,10 +166,14 @@ def create_app(
         openapi_extra=DETECT_BODY,
     )
     async def detect_annotated(
-        request: Request, score_threshold: float | None = ScoreThreshold, max_detections: int | None = MaxDetections
+        request: Request,
+        score_threshold: float | None = ScoreThreshold,
+        max_detections: int | None = MaxDetections,
+        model: str | None = ModelName,
     ) -> Response:
         """/detect's detections drawn on the image at its original size: JPEG, or PNG if `Accept` prefers it."""
         received_at = time.perf_counter()
+        pipeline = models.get(model)
         options = pipeline.options(score_threshold, max_detections)
         upload = await uploads.single_image(request)
         result = await pipeline.detect(upload, options, received_at)
@@ -165,11 +185,15 @@ def create_app(
 
     @app.post("/detect/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY)
     async def detect_batch(
-        request: Request, score_threshold: float | None = ScoreThreshold, max_detections: int | None = MaxDetections
+        request: Request,
+        score_threshold: float | None = ScoreThreshold,
+        max_detections: int | None = MaxDetections,
+        model: str | None = ModelName,
     ) -> Response:
         """Several images (multipart parts `images`), one result per image in order; a bad image gets its own
         error entry `{error, detail, status}` and the others are answered normally."""
         received_at = time.perf_counter()
+        pipeline = models.get(model)
         options = pipeline.options(score_threshold, max_detections)
         parts = await uploads.batch_images(request, settings.max_images_per_request)
         outcomes = await asyncio.gather(
@@ -179,10 +203,20 @@ def create_app(
         return json_response({"model": pipeline.ready()[0].model, "results": results})
 
     @app.get("/v1/model", response_model=ModelInfo, responses={503: ERRORS[503]})
-    async def model_info() -> dict[str, Any]:
+    async def model_info(model: str | None = ModelName) -> dict[str, Any]:
+        """One model (default: the first)."""
+        return describe(model)
+
+    @app.get("/v1/models", response_model=list[ModelInfo], responses={503: ERRORS[503]})
+    async def model_list() -> list[dict[str, Any]]:
+        """Every model served, the default first; `name` is what ?model= and /v2/models/NAME take."""
+        return [describe(name) for name, _ in models.items()]
+
+    def describe(model: str | None) -> dict[str, Any]:
+        pipeline = models.get(model)
         metadata, _ = pipeline.ready()
         return {
-            "name": metadata.model,
+            "name": model or models.default_name,
             "labels": list(metadata.labels),
             "input_size": metadata.input_size,
             "score_threshold": metadata.score_threshold,
@@ -198,18 +232,20 @@ def create_app(
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     async def healthz() -> JSONResponse:
         """Liveness: the process answers; 503 only when the model failed to load."""
-        failed = pipeline.status == "failed"
+        failed = models.status == "failed"
         return JSONResponse({"status": "failed" if failed else "ok"}, status_code=503 if failed else 200)
 
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def readyz() -> JSONResponse:
         """Readiness: 200 once the model is loaded and warmed up; 503 while loading or after a failure."""
-        ready = pipeline.status == "ready"
+        ready = models.status == "ready"
         return JSONResponse(
-            {"status": pipeline.status, "detail": pipeline.error},
+            {"status": models.status, "detail": models.error},
             status_code=200 if ready else 503,
             headers=None if ready else {"Retry-After": "1"},
         )
+
+    app.include_router(v2_http.router)
 
     @app.get("/metrics", response_class=Response)
     def prometheus_metrics() -> Response:
@@ -241,8 +277,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        endpoint = path if path in ENDPOINTS else "other"
-        in_flight = endpoint in DETECT_ENDPOINTS
+        endpoint = path if path in ENDPOINTS else v2_http.INFER_ENDPOINT if v2_http.is_infer_path(path) else "other"
+        in_flight = endpoint in DETECT_ENDPOINTS or endpoint == v2_http.INFER_ENDPOINT
         status = 500
         started = time.perf_counter()
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from server.engines.base import EngineOutput
 from server.errors import EngineError, NotReady, QueueFull, RequestTimeout
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 
 logger = logging.getLogger("server.batcher")
 
@@ -77,7 +77,7 @@ class DynamicBatcher:
         self,
         infer: InferFn,
         config: BatcherConfig,
-        metrics: Metrics | None = None,
+        metrics: ModelMetrics | None = None,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
         """`executor`: the engine's single thread, when the caller owns it (loads the engine there too)."""

@@ -56,6 +56,16 @@ class InvalidParameter(ServerError):
     code, status, reject_reason = "validation_error", 422, "validation_error"
 
 
+class InvalidTensor(ServerError):
+    """A KServe v2 request whose tensors do not fit the model's interface (name, datatype, shape, data)."""
+
+    code, status, reject_reason = "invalid_tensor", 400, "validation_error"
+
+
+class ModelNotFound(ServerError):
+    code, status, reject_reason = "model_not_found", 404, "model_not_found"
+
+
 class UnsupportedMediaType(ServerError):
     code, status, reject_reason = "unsupported_media_type", 415, "unsupported_media_type"
 

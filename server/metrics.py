@@ -55,36 +55,44 @@ class Metrics:
             buckets=TIME_BUCKETS,
             registry=registry,
         )
+        per_model = ["model"]  # one series per served model (server.models)
         self.queue_wait = Histogram(
             "ssd_queue_wait_seconds",
             "Time an image waited in the batcher's queue",
+            per_model,
             buckets=TIME_BUCKETS,
             registry=registry,
         )
         self.decode_duration = Histogram(
             "ssd_decode_duration_seconds",
             "Decode + orientation + resize time per image",
+            per_model,
             buckets=TIME_BUCKETS,
             registry=registry,
         )
         self.inference_duration = Histogram(
-            "ssd_inference_duration_seconds", "Engine time per batch", buckets=TIME_BUCKETS, registry=registry
+            "ssd_inference_duration_seconds",
+            "Engine time per batch",
+            per_model,
+            buckets=TIME_BUCKETS,
+            registry=registry,
         )
         self.batch_size = Histogram(
-            "ssd_batch_size", "Images per engine batch", buckets=BATCH_BUCKETS, registry=registry
+            "ssd_batch_size", "Images per engine batch", per_model, buckets=BATCH_BUCKETS, registry=registry
         )
         self.images_processed = Counter(
-            "ssd_images_processed", "Images that went through the engine", registry=registry
+            "ssd_images_processed", "Images that went through the engine", per_model, registry=registry
         )
-        self.throughput = ThroughputWindow()
         self.images_per_second = Gauge(
             "ssd_images_per_second",
             f"Images through the engine per second over the last {THROUGHPUT_WINDOW_S:g} s",
+            per_model,
             registry=registry,
         )
-        self.images_per_second.set_function(self.throughput.rate)
         self.requests_in_flight = Gauge("ssd_requests_in_flight", "Detection requests being handled", registry=registry)
-        self.queue_depth = Gauge("ssd_queue_depth", "Images waiting in the batcher's queue", registry=registry)
+        self.queue_depth = Gauge(
+            "ssd_queue_depth", "Images waiting in the batcher's queue", per_model, registry=registry
+        )
         self.rejected = Counter(
             "ssd_rejected_requests", "Requests (or batch items) refused, by reason", ["reason"], registry=registry
         )
@@ -94,15 +102,37 @@ class Metrics:
         for reason in ("queue_full", "timeout", "invalid_image", "unsupported_media_type", "payload_too_large"):
             self.rejected.labels(reason=reason)  # present at 0 from the start
 
-    def set_model(self, model: str, engine: str, input_size: tuple[int, int]) -> None:
-        self.model_info.clear()
-        self.model_info.labels(model=model, engine=engine, input_size=f"{input_size[0]}x{input_size[1]}").set(1)
+    def for_model(self, model: str) -> ModelMetrics:
+        """The per-model series of `model` (what its pipeline and batcher record into)."""
+        return ModelMetrics(self, model)
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(reason=reason).inc()
+
+
+class ModelMetrics:
+    """One model's children of the per-model families (label model=NAME), with Metrics' attribute names."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.model = model
+        self.registry = metrics.registry
+        self._model_info = metrics.model_info
+        self.queue_wait = metrics.queue_wait.labels(model=model)
+        self.decode_duration = metrics.decode_duration.labels(model=model)
+        self.inference_duration = metrics.inference_duration.labels(model=model)
+        self.batch_size = metrics.batch_size.labels(model=model)
+        self.images_processed = metrics.images_processed.labels(model=model)
+        self.queue_depth = metrics.queue_depth.labels(model=model)
+        self.throughput = ThroughputWindow()
+        metrics.images_per_second.labels(model=model).set_function(self.throughput.rate)
+        self.reject = metrics.reject
+
+    def set_model(self, engine: str, input_size: tuple[int, int]) -> None:
+        """ssd_model_info{model, engine, input_size} = 1; `model` is the served name, as in every family."""
+        self._model_info.labels(model=self.model, engine=engine, input_size=f"{input_size[0]}x{input_size[1]}").set(1)
 
     def observe_batch(self, size: int, inference_s: float) -> None:
         self.batch_size.observe(size)
         self.inference_duration.observe(inference_s)
         self.images_processed.inc(size)
         self.throughput.add(size)
-
-    def reject(self, reason: str) -> None:
-        self.rejected.labels(reason=reason).inc()

@@ -51,7 +51,7 @@ def export_command(out: Path, model_name: str = DEFAULT_MODEL_NAME) -> list[str]
 
 async def ensure_model(settings: Settings) -> Path:
     """The path of a model file that exists, exporting the default model first if needed."""
-    path = settings.model
+    path = settings.model_file
     if path.is_file():
         return path
     if not settings.is_default_model:

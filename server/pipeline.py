@@ -18,11 +18,11 @@ import numpy as np
 
 from model_export.contract.metadata import ModelMetadata
 from server import requestid
-from server.batcher import BatcherConfig, DynamicBatcher, check_batch_output
+from server.batcher import BatcherConfig, DynamicBatcher, ImageResult, check_batch_output
 from server.engines import MODEL_SUFFIXES, create_engine
 from server.engines.base import Engine, EngineOptions
 from server.errors import InvalidParameter, NotReady
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 from server.model_store import ensure_model
 from server.postprocess import detections_json, select_detections
 from server.preprocess import PreparedImage, check_content_type, preprocess
@@ -50,7 +50,7 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
 
 class Pipeline:
     def __init__(
-        self, settings: Settings, metrics: Metrics, engine_factory: Callable[[], Engine] | None = None
+        self, settings: Settings, metrics: ModelMetrics, engine_factory: Callable[[], Engine] | None = None
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -125,7 +125,7 @@ class Pipeline:
         )
         self._batcher = DynamicBatcher(engine.infer, config, self.metrics, executor=self._engine_thread)
         self._batcher.start()
-        self.metrics.set_model(metadata.model, settings.engine, metadata.input_size)
+        self.metrics.set_model(settings.engine, metadata.input_size)
         logger.info("ready: max batch %d, queue delay %g ms", settings.max_batch_size, settings.max_queue_delay_ms)
 
     def _warm_up(self, engine: Engine, metadata: ModelMetadata) -> None:
@@ -186,13 +186,23 @@ class Pipeline:
         requestid.note_image(prepared.width, prepared.height)  # for the access log
         return prepared
 
-    async def detect(self, upload: Upload, options: DetectOptions, received_at: float) -> dict[str, Any]:
-        """One image: decode -> batch -> detections; the response body as a dict (schemas.DetectResponse)."""
-        metadata, batcher = self.ready()
+    async def infer_upload(self, upload: Upload) -> tuple[PreparedImage, ImageResult]:
+        """One encoded image: decode -> batch; its share of the batch's output. Every front end's path."""
+        _, batcher = self.ready()
         with batcher.incoming():
             prepared = await self.decode(upload)
             future = batcher.submit(prepared.pixels)
-        result = await future
+        return prepared, await future
+
+    async def infer_pixels(self, pixels: np.ndarray) -> ImageResult:
+        """One image already at the model's input (uint8 [H, W, 3], KServe v2 `images`) -> batch."""
+        _, batcher = self.ready()
+        return await batcher.submit(pixels)
+
+    async def detect(self, upload: Upload, options: DetectOptions, received_at: float) -> dict[str, Any]:
+        """One image: decode -> batch -> detections; the response body as a dict (schemas.DetectResponse)."""
+        metadata, _ = self.ready()
+        prepared, result = await self.infer_upload(upload)
         detections = select_detections(
             result.num_detections,
             result.boxes,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "ssd_mobilenet_v1_coco"
 DEFAULT_MODEL_PATH = Path("weights") / f"{DEFAULT_MODEL_NAME}.onnx"
@@ -25,16 +25,18 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SSD_", extra="forbid", frozen=True)
 
-    model: Path = Field(
-        DEFAULT_MODEL_PATH,
+    model: Annotated[tuple[Path, ...], NoDecode] = Field(
+        (DEFAULT_MODEL_PATH,),
         description="exported model: .onnx (onnxruntime, torch) or .engine/.plan (tensorrt); "
-        "the default is exported on first start if missing",
+        "the default is exported on first start if missing. Several models: repeat the flag or give a comma "
+        "list; each is served under its file name without the suffix, the first is /detect's default",
     )
     engine: str = Field("onnxruntime", description="inference engine: onnxruntime | torch | tensorrt")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     fp16: bool = Field(False, description="torch engine on CUDA: run the network in float16")
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port of the KServe v2 protocol (0: no gRPC)")
 
     max_batch_size: int = Field(32, ge=1, description="largest batch the batcher hands to the engine")
     max_queue_delay_ms: float = Field(
@@ -76,11 +78,24 @@ class Settings(BaseSettings):
         CUDA, so it also picks device cuda unless one was named."""
         if not isinstance(data, dict):
             return data
-        if "engine" not in data and str(data.get("model", "")).lower().endswith((".engine", ".plan")):
+        files = _split_models(data.get("model", ()))
+        if "engine" not in data and any(str(file).lower().endswith((".engine", ".plan")) for file in files):
             data = {**data, "engine": "tensorrt"}
         if data.get("engine") == "tensorrt" and "device" not in data:
             data = {**data, "device": "cuda"}
         return data
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_list(cls, value: object) -> tuple[Path, ...]:
+        files = tuple(Path(file) for file in _split_models(value))
+        if not files:
+            raise ValueError("at least one model file is needed")
+        names = [model_name(file) for file in files]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"two models would be served as {', '.join(twice)}: give the files different names")
+        return files
 
     @field_validator("engine")
     @classmethod
@@ -119,5 +134,31 @@ class Settings(BaseSettings):
         return self.decode_workers or min(8, os.cpu_count() or 1)
 
     @property
+    def model_file(self) -> Path:
+        """The first model: /detect's default, and the one a `for_model` copy serves."""
+        return self.model[0]
+
+    @property
     def is_default_model(self) -> bool:
-        return self.model == DEFAULT_MODEL_PATH
+        return self.model_file == DEFAULT_MODEL_PATH
+
+    def for_model(self, file: Path) -> Settings:
+        """These settings for one of the models (each model has its own pipeline)."""
+        return self.model_copy(update={"model": (file,)})
+
+
+def model_name(file: Path) -> str:
+    """The name a model file is served under: /detect?model=NAME, /v2/models/NAME."""
+    return Path(file).stem
+
+
+def _split_models(value: object) -> list[str | Path]:
+    """'a.onnx,b.onnx' | ['a.onnx', 'b.onnx,c.onnx'] | Path -> each file, in order."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    files: list[str | Path] = []
+    for item in items:
+        if isinstance(item, Path):
+            files.append(item)
+        else:
+            files.extend(part.strip() for part in str(item).split(",") if part.strip())
+    return files

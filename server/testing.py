@@ -4,7 +4,8 @@
         httpx.post(f"{srv.url}/detect", ...)
 
 Settings reach the child as SSD_<NAME> environment variables, as an operator would pass them. The port is
-chosen by the server itself (SSD_PORT=0) and read from its log, so there is no race for a free port.
+chosen by the server itself (SSD_PORT=0) and read from its log, so there is no race for a free port. gRPC is off
+(SSD_GRPC_PORT=0) unless the settings give a port (`free_port()` finds one); `srv.grpc_address` is then set.
 httpx is needed (a test dependency); it is imported only when a server is waited for.
 """
 
@@ -14,6 +15,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_READY_TIMEOUT_S = 900.0  # a first start exports the default model
 _LISTENING = re.compile(r"Uvicorn running on http://([\d.]+):(\d+)")
+_GRPC_LISTENING = re.compile(r"gRPC listening on ([\d.]+:\d+)")
 
 
 @dataclass
@@ -34,6 +37,7 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
     url: str = ""
+    grpc_address: str = ""  # host:port when gRPC is on
     settings: dict[str, object] = field(default_factory=dict)
 
     def log(self) -> str:
@@ -60,6 +64,8 @@ class ServerProcess:
             match = _LISTENING.search(self.log())
             if match:
                 self.url = f"http://{match.group(1)}:{match.group(2)}"
+                grpc_match = _GRPC_LISTENING.search(self.log())
+                self.grpc_address = grpc_match.group(1) if grpc_match else ""
                 return self.url
             self._check_alive()
             time.sleep(0.05)
@@ -92,11 +98,18 @@ def server_env(settings: Mapping[str, object], extra_env: Mapping[str, str] | No
     mirror = REPO_ROOT.parent / "shared" / "models"  # the offline weights mirror of this workplace and CI
     if "SSD_WEIGHTS_MIRROR" not in env and mirror.is_dir():
         env["SSD_WEIGHTS_MIRROR"] = str(mirror)
-    env.update({"PYTHONUNBUFFERED": "1", "SSD_HOST": "127.0.0.1", "SSD_PORT": "0"})
+    env.update({"PYTHONUNBUFFERED": "1", "SSD_HOST": "127.0.0.1", "SSD_PORT": "0", "SSD_GRPC_PORT": "0"})
     for name, value in settings.items():
         env[f"SSD_{name.upper()}"] = str(value)
     env.update(extra_env or {})
     return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for settings the server cannot choose itself, e.g. grpc_port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def start_server(

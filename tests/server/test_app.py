@@ -97,7 +97,9 @@ def engine() -> StandInEngine:
 
 @pytest.fixture()
 def client(model_file: Path, engine: StandInEngine) -> Iterator[TestClient]:
-    settings = Settings(model=model_file, max_batch_size=4, max_body_bytes=50_000, max_image_pixels=100_000)
+    settings = Settings(
+        grpc_port=0, model=model_file, max_batch_size=4, max_body_bytes=50_000, max_image_pixels=100_000
+    )
     app = create_app(settings, registry=CollectorRegistry(), engine_factory=lambda: engine)
     with TestClient(app) as test_client:
         wait_ready(test_client)
@@ -222,8 +224,9 @@ def test_metrics_count_requests_by_endpoint_and_code(client: TestClient) -> None
     assert sample(client, "ssd_requests_total", {"endpoint": "/detect", "code": "415"}) == 1
     assert sample(client, "ssd_requests_total", {"endpoint": "other", "code": "404"}) == 1
     assert sample(client, "ssd_request_duration_seconds_count", {"endpoint": "/detect"}) == 4
-    assert sample(client, "ssd_images_processed_total") == 3  # warm-up batches are not served images
-    assert sample(client, "ssd_decode_duration_seconds_count") == 3
+    served = {"model": "stand-in"}  # the file's name (stand-in.onnx)
+    assert sample(client, "ssd_images_processed_total", served) == 3  # warm-up batches are not served images
+    assert sample(client, "ssd_decode_duration_seconds_count", served) == 3
     assert sample(client, "ssd_requests_in_flight") == 0
     assert sample(client, "ssd_model_info", {"model": "stand-in", "engine": "onnxruntime", "input_size": "8x8"}) == 1
     text = client.get("/metrics")
@@ -244,7 +247,9 @@ def test_docs_describe_the_responses(client: TestClient) -> None:
 def test_not_ready_while_loading_then_ready(model_file: Path, engine: StandInEngine) -> None:
     engine.release.clear()
     app = create_app(
-        Settings(model=model_file, max_batch_size=2), registry=CollectorRegistry(), engine_factory=lambda: engine
+        Settings(grpc_port=0, model=model_file, max_batch_size=2),
+        registry=CollectorRegistry(),
+        engine_factory=lambda: engine,
     )
     with TestClient(app) as client:
         loading = client.get("/readyz")
@@ -262,7 +267,7 @@ def test_a_failed_load_is_reported_and_signalled(model_file: Path, engine: Stand
     engine.fail_load = True
     reasons: list[str] = []
     app = create_app(
-        Settings(model=model_file),
+        Settings(grpc_port=0, model=model_file),
         registry=CollectorRegistry(),
         engine_factory=lambda: engine,
         on_load_failure=reasons.append,
@@ -282,7 +287,9 @@ def test_a_failed_load_is_reported_and_signalled(model_file: Path, engine: Stand
 def test_a_missing_model_file_fails_the_load(tmp_path: Path) -> None:
     reasons: list[str] = []
     app = create_app(
-        Settings(model=tmp_path / "absent.onnx"), registry=CollectorRegistry(), on_load_failure=reasons.append
+        Settings(grpc_port=0, model=tmp_path / "absent.onnx"),
+        registry=CollectorRegistry(),
+        on_load_failure=reasons.append,
     )
     with TestClient(app):
         for _ in range(500):
@@ -315,7 +322,7 @@ def test_the_fast_json_encoder_writes_what_the_standard_one_writes() -> None:
 
 
 def test_a_request_that_waited_too_long_is_504_and_never_inferred(model_file: Path, engine: StandInEngine) -> None:
-    settings = Settings(model=model_file, max_batch_size=1, request_timeout_ms=100, warmup=False)
+    settings = Settings(grpc_port=0, model=model_file, max_batch_size=1, request_timeout_ms=100, warmup=False)
     app = create_app(settings, registry=CollectorRegistry(), engine_factory=lambda: engine)
     with TestClient(app) as client:
         wait_ready(client)

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from server.batcher import BatcherConfig, DynamicBatcher, check_batch_output
 from server.engines.base import EngineOutput
 from server.errors import EngineError, NotReady, QueueFull, RequestTimeout
-from server.metrics import Metrics
+from server.metrics import Metrics, ModelMetrics
 
 SIZE = (4, 4)
 K = 3
@@ -53,8 +53,8 @@ class RecordingEngine:
         )
 
 
-def make(engine: RecordingEngine, **config: object) -> tuple[DynamicBatcher, Metrics]:
-    metrics = Metrics(CollectorRegistry())
+def make(engine: RecordingEngine, **config: object) -> tuple[DynamicBatcher, ModelMetrics]:
+    metrics = Metrics(CollectorRegistry()).for_model("m")
     batcher = DynamicBatcher(engine, BatcherConfig(input_size=SIZE, **config), metrics)  # type: ignore[arg-type]
     return batcher, metrics
 
@@ -75,10 +75,10 @@ def test_batches_close_at_max_batch_size_and_each_future_gets_its_own_result() -
         assert [float(r.scores[0]) for r in results] == [float(i) for i in range(10)]
         assert [r.batch_size for r in results] == [4] * 8 + [2] * 2
         await batcher.stop()
-        assert metrics.registry.get_sample_value("ssd_batch_size_count") == 3
-        assert metrics.registry.get_sample_value("ssd_batch_size_sum") == 10
-        assert metrics.registry.get_sample_value("ssd_images_processed_total") == 10
-        assert metrics.registry.get_sample_value("ssd_queue_wait_seconds_count") == 10
+        assert metrics.registry.get_sample_value("ssd_batch_size_count", {"model": "m"}) == 3
+        assert metrics.registry.get_sample_value("ssd_batch_size_sum", {"model": "m"}) == 10
+        assert metrics.registry.get_sample_value("ssd_images_processed_total", {"model": "m"}) == 10
+        assert metrics.registry.get_sample_value("ssd_queue_wait_seconds_count", {"model": "m"}) == 10
 
     run(scenario())
     assert engine.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
@@ -165,7 +165,7 @@ def test_an_engine_failure_fails_only_its_batch() -> None:
         assert "boom" in str(outcomes[0])
         good = await asyncio.gather(batcher.submit(image(2)), batcher.submit(image(3)))
         assert [g.num_detections for g in good] == [2, 3]
-        assert metrics.registry.get_sample_value("ssd_images_processed_total") == 2
+        assert metrics.registry.get_sample_value("ssd_images_processed_total", {"model": "m"}) == 2
 
     run(scenario())
 
@@ -193,14 +193,14 @@ def test_a_full_queue_refuses_at_submit() -> None:
         running = batcher.submit(image(0))
         await asyncio.get_running_loop().run_in_executor(None, engine.entered.wait, 5)
         queued = [batcher.submit(image(1)), batcher.submit(image(2))]
-        assert metrics.registry.get_sample_value("ssd_queue_depth") == 2
+        assert metrics.registry.get_sample_value("ssd_queue_depth", {"model": "m"}) == 2
         with pytest.raises(QueueFull) as refused:
             batcher.submit(image(3))
         assert refused.value.headers() == {"Retry-After": "1"}
         engine.gate.set()
         results = await asyncio.gather(running, *queued)
         assert [r.num_detections for r in results] == [0, 1, 2]
-        assert metrics.registry.get_sample_value("ssd_queue_depth") == 0
+        assert metrics.registry.get_sample_value("ssd_queue_depth", {"model": "m"}) == 0
 
     run(scenario())
 

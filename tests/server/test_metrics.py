@@ -27,7 +27,7 @@ def test_every_metric_is_exposed_with_its_type() -> None:
     metrics = Metrics(CollectorRegistry())
     metrics.requests.labels(endpoint="/detect", code="200").inc()
     metrics.request_duration.labels(endpoint="/detect").observe(0.01)
-    metrics.set_model("m", "onnxruntime", (300, 300))
+    metrics.for_model("m").set_model("onnxruntime", (300, 300))
     families = {f.name: f.type for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
     for name, kind in EXPECTED.items():
         assert families.get(name) == kind, name
@@ -37,13 +37,13 @@ def test_buckets() -> None:
     assert TIME_BUCKETS[0] == 0.0001 and TIME_BUCKETS[-1] == 10
     assert BATCH_BUCKETS == (1, 2, 4, 8, 16, 32, 64, 128)
     metrics = Metrics(CollectorRegistry())
-    metrics.observe_batch(3, 0.02)
+    metrics.for_model("m").observe_batch(3, 0.02)
     registry = metrics.registry
-    assert registry.get_sample_value("ssd_batch_size_bucket", {"le": "2.0"}) == 0
-    assert registry.get_sample_value("ssd_batch_size_bucket", {"le": "4.0"}) == 1
-    assert registry.get_sample_value("ssd_inference_duration_seconds_bucket", {"le": "0.0001"}) == 0
-    assert registry.get_sample_value("ssd_inference_duration_seconds_bucket", {"le": "0.025"}) == 1
-    assert registry.get_sample_value("ssd_images_processed_total") == 3
+    assert registry.get_sample_value("ssd_batch_size_bucket", {"model": "m", "le": "2.0"}) == 0
+    assert registry.get_sample_value("ssd_batch_size_bucket", {"model": "m", "le": "4.0"}) == 1
+    assert registry.get_sample_value("ssd_inference_duration_seconds_bucket", {"model": "m", "le": "0.0001"}) == 0
+    assert registry.get_sample_value("ssd_inference_duration_seconds_bucket", {"model": "m", "le": "0.025"}) == 1
+    assert registry.get_sample_value("ssd_images_processed_total", {"model": "m"}) == 3
 
 
 def test_rejections_by_reason_start_at_zero() -> None:
@@ -57,15 +57,16 @@ def test_rejections_by_reason_start_at_zero() -> None:
 
 def test_model_info_names_the_model() -> None:
     metrics = Metrics(CollectorRegistry())
-    metrics.set_model("ssd_mobilenet_v1_coco", "onnxruntime", (300, 300))
+    metrics.for_model("ssd_mobilenet_v1_coco").set_model("onnxruntime", (300, 300))
     labels = {"model": "ssd_mobilenet_v1_coco", "engine": "onnxruntime", "input_size": "300x300"}
     assert metrics.registry.get_sample_value("ssd_model_info", labels) == 1
 
 
 def test_two_apps_do_not_share_metrics() -> None:
     a, b = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
-    a.images_processed.inc(5)
-    assert b.registry.get_sample_value("ssd_images_processed_total") == 0
+    a.for_model("m").images_processed.inc(5)
+    b.for_model("m")
+    assert b.registry.get_sample_value("ssd_images_processed_total", {"model": "m"}) == 0
 
 
 def test_throughput_window_slides() -> None:
@@ -83,5 +84,21 @@ def test_throughput_window_slides() -> None:
 
 def test_images_per_second_gauge_reads_the_window() -> None:
     metrics = Metrics(CollectorRegistry())
-    metrics.observe_batch(20, 0.1)
-    assert metrics.registry.get_sample_value("ssd_images_per_second") == 2.0
+    metrics.for_model("m").observe_batch(20, 0.1)
+    assert metrics.registry.get_sample_value("ssd_images_per_second", {"model": "m"}) == 2.0
+
+
+def test_each_model_has_its_own_series() -> None:
+    metrics = Metrics(CollectorRegistry())
+    first, second = metrics.for_model("first"), metrics.for_model("second")
+    first.observe_batch(4, 0.01)
+    second.observe_batch(1, 0.01)
+    first.set_model("onnxruntime", (300, 300))
+    second.set_model("onnxruntime", (320, 320))
+    sample = metrics.registry.get_sample_value
+    assert (sample("ssd_batch_size_sum", {"model": "first"}), sample("ssd_batch_size_sum", {"model": "second"})) == (
+        4,
+        1,
+    )
+    assert sample("ssd_model_info", {"model": "first", "engine": "onnxruntime", "input_size": "300x300"}) == 1
+    assert sample("ssd_model_info", {"model": "second", "engine": "onnxruntime", "input_size": "320x320"}) == 1

@@ -22,6 +22,7 @@ DATA = REPO_ROOT.parent / "shared" / "data"
 
 GOLDEN = DATA / "golden" / "cats_and_dogs.json"
 CATS = DATA / "images" / "cats_and_dogs.jpg"
+MODEL = "ssd_mobilenet_v1_coco"  # the served name: every per-model metric has model=MODEL
 PHOTOS = sorted((DATA / "voc2012_sample" / "JPEGImages").glob("*.jpg"))[:16]
 TFLITE = REPO_ROOT.parent / "shared" / "models" / "coco_ssd_mobilenet_v1" / "detect.tflite"
 
@@ -125,9 +126,12 @@ def test_concurrent_requests_get_exactly_their_own_results(client: httpx.Client,
         assert response.status_code == 200, response.text
         assert response.json()["detections"] == alone[i % 16], f"request {i} (photo {i % 16}) differs"
     after = metric_samples(client)
-    batches = value(after, "ssd_batch_size_count") - value(before, "ssd_batch_size_count")
-    images = value(after, "ssd_batch_size_sum") - value(before, "ssd_batch_size_sum")
-    singles = value(after, "ssd_batch_size_bucket", le="1.0") - value(before, "ssd_batch_size_bucket", le="1.0")
+    m = MODEL
+    batches = value(after, "ssd_batch_size_count", model=m) - value(before, "ssd_batch_size_count", model=m)
+    images = value(after, "ssd_batch_size_sum", model=m) - value(before, "ssd_batch_size_sum", model=m)
+    singles = value(after, "ssd_batch_size_bucket", le="1.0", model=m) - value(
+        before, "ssd_batch_size_bucket", le="1.0", model=m
+    )
     assert images == 64
     assert batches < 64 and singles < batches, "no batch held more than one image"
     assert max(r.json()["timings_ms"]["queue"] for r in responses) > 0
@@ -315,12 +319,12 @@ def test_metrics_parse_and_count_what_was_sent(client: httpx.Client) -> None:
     assert delta("ssd_requests_total", endpoint="/v1/model", code="200") == 1
     assert delta("ssd_requests_total", endpoint="/metrics", code="200") == 1  # the first scrape
     assert delta("ssd_request_duration_seconds_count", endpoint="/detect") == 4
-    assert delta("ssd_images_processed_total") == 3
-    assert delta("ssd_decode_duration_seconds_count") == 3
-    assert delta("ssd_queue_wait_seconds_count") == 3
-    assert delta("ssd_inference_duration_seconds_count") >= 1
-    assert value(after, "ssd_requests_in_flight") == 0 and value(after, "ssd_queue_depth") == 0
-    assert value(after, "ssd_images_per_second") > 0
+    assert delta("ssd_images_processed_total", model=MODEL) == 3
+    assert delta("ssd_decode_duration_seconds_count", model=MODEL) == 3
+    assert delta("ssd_queue_wait_seconds_count", model=MODEL) == 3
+    assert delta("ssd_inference_duration_seconds_count", model=MODEL) >= 1
+    assert value(after, "ssd_requests_in_flight") == 0 and value(after, "ssd_queue_depth", model=MODEL) == 0
+    assert value(after, "ssd_images_per_second", model=MODEL) > 0
     assert (
         value(after, "ssd_model_info", model="ssd_mobilenet_v1_coco", engine="onnxruntime", input_size="300x300") == 1
     )
@@ -370,7 +374,9 @@ def test_a_flood_beyond_the_queue_gets_503_with_retry_after_then_normal_service(
         assert value(after, "ssd_rejected_requests_total", reason="queue_full") - value(
             before, "ssd_rejected_requests_total", reason="queue_full"
         ) == len(refused)
-        assert value(after, "ssd_batch_size_bucket", le="1.0") == value(after, "ssd_batch_size_count")  # batching off
+        assert value(after, "ssd_batch_size_bucket", le="1.0", model=MODEL) == value(
+            after, "ssd_batch_size_count", model=MODEL
+        )  # batching off
         assert c.post("/detect", content=data, headers={"content-type": "image/jpeg"}).status_code == 200
         assert c.get("/readyz").status_code == 200
 

@@ -21,7 +21,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults() -> None:
     s = Settings()
-    assert s.model == DEFAULT_MODEL_PATH and s.is_default_model
+    assert s.model == (DEFAULT_MODEL_PATH,) and s.model_file == DEFAULT_MODEL_PATH and s.is_default_model
+    assert s.grpc_port == 8001
     assert (s.engine, s.device, s.host, s.port) == ("onnxruntime", "cpu", "127.0.0.1", 8000)
     assert (s.max_batch_size, s.max_queue_delay_ms, s.max_queue_size) == (32, 2.0, 256)
     assert s.request_timeout_ms == 10_000
@@ -50,8 +51,23 @@ def test_flags_win_over_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SSD_PORT", "9000")
     monkeypatch.setenv("SSD_MAX_BATCH_SIZE", "8")
     s = load_settings(["--port", "9100", "--model", "x.onnx", "--no-warmup", "--intra-op-threads", "2"])
-    assert (s.port, s.max_batch_size, s.model, s.warmup, s.intra_op_threads) == (9100, 8, Path("x.onnx"), False, 2)
+    assert (s.port, s.max_batch_size, s.model, s.warmup, s.intra_op_threads) == (9100, 8, (Path("x.onnx"),), False, 2)
     assert not s.is_default_model
+
+
+def test_several_models_by_repeated_flag_or_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings(["--model", "a/first.onnx", "--model", "b/second.onnx,third.onnx"])
+    assert s.model == (Path("a/first.onnx"), Path("b/second.onnx"), Path("third.onnx"))
+    assert s.model_file == Path("a/first.onnx") and s.for_model(Path("third.onnx")).model == (Path("third.onnx"),)
+    monkeypatch.setenv("SSD_MODEL", "weights/ssd_mobilenet_v1_coco.onnx, /tmp/other.onnx")
+    s = Settings()
+    assert s.model == (DEFAULT_MODEL_PATH, Path("/tmp/other.onnx")) and s.is_default_model
+    assert not s.for_model(Path("/tmp/other.onnx")).is_default_model
+
+
+def test_two_models_may_not_share_a_name() -> None:
+    with pytest.raises(ValidationError, match="served as x"):
+        Settings(model=["a/x.onnx", "b/x.onnx"])
 
 
 def test_every_setting_has_a_flag() -> None:
