@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from server.preprocess import decode, to_rgb
+from model_export.contract.image import to_rgb
+from server.preprocess import decode
 
 JPEG, PNG = "image/jpeg", "image/png"
 JPEG_QUALITY = 90

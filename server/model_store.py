@@ -37,12 +37,12 @@ def missing_exporter_modules() -> list[str]:
 
 def unavailable_reason(settings: Settings) -> str | None:
     """Why the model can never be loaded, known before the server starts: no file and no way to make it."""
-    if settings.model.is_file() or not settings.is_default_model:
+    if settings.model_file.is_file() or not settings.is_default_model:
         return None  # a missing non-default file is reported by ensure_model, as before
     missing = missing_exporter_modules()
     if not missing:
         return None
-    return f"no model file at {settings.model} and no exporter ({', '.join(missing)} not installed): {NO_EXPORTER_HINT}"
+    return f"no model file at {settings.model_file} and no exporter ({', '.join(missing)} not installed): {NO_EXPORTER_HINT}"
 
 
 def export_command(out: Path, model_name: str = DEFAULT_MODEL_NAME) -> list[str]:

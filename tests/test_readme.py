@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from server.testing import ServerProcess
+from server.testing import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -88,8 +88,8 @@ def test_the_two_commands_are_there() -> None:
 
 @pytest.fixture(scope="module")
 def readme_server(server_factory) -> ServerProcess:  # noqa: ANN001 - the conftest fixture
-    """A fresh server for this module: default model and settings, a port of its own."""
-    return server_factory()
+    """A fresh server for this module: default model and settings, HTTP and gRPC ports of its own."""
+    return server_factory({"grpc_port": free_port()})
 
 
 def commands(body: str) -> list[str]:
@@ -109,8 +109,9 @@ def commands(body: str) -> list[str]:
     return out
 
 
-def rewrite(command: str, address: str, bin_dir: Path) -> str:
+def rewrite(command: str, address: str, bin_dir: Path, grpc_port: object = 8001) -> str:
     command = re.sub(r"\b(?:127\.0\.0\.1|localhost):8000\b", address, command)
+    command = re.sub(r"\b(?:127\.0\.0\.1|localhost):8001\b", f"127.0.0.1:{grpc_port}", command)
     return re.sub(r"(?<![\w/.-])\.venv/bin/", f"{bin_dir}/", command)
 
 
@@ -147,7 +148,7 @@ def test_readme_block(block: Block, request: pytest.FixtureRequest) -> None:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     if WHERE_PRESENT["mirror"].is_dir():
         env["SSD_WEIGHTS_MIRROR"] = str(WHERE_PRESENT["mirror"])  # as the Makefile sets it
-    script_text = "\n".join(rewrite(c, address, Path(sys.executable).parent) for c in rest)
+    script_text = "\n".join(rewrite(c, address, Path(sys.executable).parent, server.settings["grpc_port"]) for c in rest)
     try:
         result = subprocess.run(["bash", "-euo", "pipefail", "-c", script_text], cwd=REPO, env=env,
                                 capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
