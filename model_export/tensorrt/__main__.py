@@ -14,7 +14,7 @@ from pathlib import Path
 from model_export.errors import ExportError
 from model_export.metadata import sidecar_path
 from model_export.tensorrt.build import BuildOptions, build_engine
-from model_export.tensorrt.facts import DEFAULT_MAX_BATCH, PRECISIONS, batch_profile
+from model_export.engine_description import DEFAULT_MAX_BATCH, PRECISIONS, batch_profile
 
 
 def _positive_int(text: str) -> int:

@@ -20,13 +20,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from model_export.errors import ExportError  # noqa: E402
-from model_export.metadata import METADATA_KEY, ModelMetadata, sidecar_path  # noqa: E402
-from model_export.tensorrt import build as build_module  # noqa: E402
-from model_export.tensorrt.__main__ import main, parse_args  # noqa: E402
-from model_export.tensorrt.build import BuildOptions, build_engine, inspect_onnx  # noqa: E402
-from model_export.tensorrt.device import Cuda, CudaError  # noqa: E402
-from model_export.tensorrt.facts import (  # noqa: E402
+from model_export.engine_description import (  # noqa: E402
     BatchProfile,
     BuildFacts,
     EngineDescription,
@@ -35,6 +29,12 @@ from model_export.tensorrt.facts import (  # noqa: E402
     check_compatible,
     read_engine_description,
 )
+from model_export.errors import ExportError  # noqa: E402
+from model_export.metadata import METADATA_KEY, ModelMetadata, sidecar_path  # noqa: E402
+from model_export.tensorrt import build as build_module  # noqa: E402
+from model_export.tensorrt.__main__ import main, parse_args  # noqa: E402
+from model_export.tensorrt.build import BuildOptions, build_engine, inspect_onnx  # noqa: E402
+from model_export.tensorrt.device import Cuda, CudaError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_REASON = "needs TensorRT and an NVIDIA GPU; TensorRT installs only from NVIDIA's index and this machine has no GPU"
@@ -540,15 +540,54 @@ class FakeTensorRT:
             def set_shape(self, name: str, low: tuple, opt: tuple, high: tuple) -> None:
                 fake.calls["shapes"].append((name, low, opt, high))
 
+        class Tensor:
+            def __init__(self, dtype: str) -> None:
+                self.dtype = dtype
+
+        class Layer:
+            """What TensorRT's ONNX parser makes of one node: its name, precision, typed outputs."""
+
+            def __init__(self, name: str, inputs: list[str | None], outputs: list[str]) -> None:
+                self.name, self.precision = name, None  # None: not set, TensorRT chooses
+                self._inputs = [None if t is None else Tensor(t) for t in inputs]
+                self._outputs = [Tensor(t) for t in outputs]
+                self.num_inputs, self.num_outputs = len(inputs), len(outputs)
+                self.output_types: dict[int, str] = {}
+
+            def get_input(self, i: int) -> Tensor | None:
+                return self._inputs[i]
+
+            def get_output(self, i: int) -> Tensor:
+                return self._outputs[i]
+
+            def set_output_type(self, i: int, dtype: str) -> None:
+                self.output_types[i] = dtype
+
+        class Network:
+            def __init__(self) -> None:
+                self.layers = [
+                    Layer("/Cast", ["uint8"], ["float32"]),
+                    Layer("/network/backbone/Conv", ["float32", "float32"], ["float32"]),
+                    Layer("/postprocess/Sigmoid", ["float32"], ["float32"]),
+                    Layer("/postprocess/NonMaxSuppression", ["float32", "float32", "int32", None], ["int32"]),
+                    Layer("/postprocess/TopK", ["float32"], ["float32", "int32"]),
+                    Layer("/postprocess/Add_3", ["int32", "int32"], ["int32"]),
+                ]
+                self.num_layers = len(self.layers)
+
+            def get_layer(self, i: int) -> Layer:
+                return self.layers[i]
+
         class Builder:
             def __init__(self, logger: Any) -> None:
                 self.logger = logger
                 if fp16_flag:
                     self.platform_has_fast_fp16 = fast_fp16
 
-            def create_network(self, flags: int) -> object:
+            def create_network(self, flags: int) -> Network:
                 fake.calls["network_flags"] = flags
-                return object()
+                fake.network = Network()
+                return fake.network
 
             def create_builder_config(self) -> Config:
                 return Config()
@@ -563,8 +602,11 @@ class FakeTensorRT:
                 self.logger.log(severity.INFO, "an info line only --verbose shows")
                 return plan
 
-        flags = {"TF32": "TF32"} | ({"FP16": "FP16"} if fp16_flag else {})
+        flags = {"TF32": "TF32", "OBEY_PRECISION_CONSTRAINTS": "OBEY_PRECISION_CONSTRAINTS"}
+        flags |= {"FP16": "FP16"} if fp16_flag else {}
+        self.network: Any = None
         self.module = types.SimpleNamespace(
+            float32="float32", float16="float16",
             __version__=version, ILogger=ILogger, Builder=Builder, OnnxParser=OnnxParser,
             BuilderFlag=types.SimpleNamespace(**flags), MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
         )
@@ -609,8 +651,18 @@ def test_build_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
 def test_build_fp16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeTensorRT(fast_fp16=True)
     description = _build(tmp_path, monkeypatch, fake, precision="fp16", verbose=True)
-    assert fake.calls["flags"] == {"FP16", "TF32"}
+    assert fake.calls["flags"] == {"FP16", "TF32", "OBEY_PRECISION_CONSTRAINTS"}
     assert description.build.precision == "fp16"
+    # The detection tail runs in float32; the network (and the input cast) may take fp16; index maths is left alone.
+    pinned = {layer.name: (layer.precision, layer.output_types) for layer in fake.network.layers}
+    assert pinned == {
+        "/Cast": (None, {}),
+        "/network/backbone/Conv": (None, {}),
+        "/postprocess/Sigmoid": ("float32", {0: "float32"}),
+        "/postprocess/NonMaxSuppression": ("float32", {}),
+        "/postprocess/TopK": ("float32", {0: "float32"}),
+        "/postprocess/Add_3": (None, {}),
+    }
     assert json.loads(sidecar_path(tmp_path / "out" / "m.engine").read_text())["tensorrt"]["precision"] == "fp16"
 
 

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from model_export.engine_description import BatchProfile, BuildFacts, EngineDescription, GpuFacts
 from model_export.errors import ExportError
 from model_export.metadata import ModelMetadata, sidecar_path
 from model_export.tensorrt.build import inspect_onnx
-from model_export.tensorrt.device import Cuda, CudaError
-from model_export.tensorrt.facts import BatchProfile, BuildFacts, EngineDescription, GpuFacts
 from server.engines.base import Engine, EngineOptions, EngineOutput
+from server.engines.cuda import Cuda, CudaError
 from server.engines.tensorrt import TensorRTEngine, TensorRTEngineError, check_batch, cuda_device_index
 
 GPU_REASON = "needs TensorRT and an NVIDIA GPU; TensorRT installs only from NVIDIA's index and this machine has no GPU"
