@@ -9,7 +9,9 @@ exporter's own registry (`model_export.models.REGISTRY` + `ExportableSSD`):
 - a weights file name: looked up beside the model file, then in the working directory and weights/.
 
 When the file records a weights sha256, the rebuilt weights must have the same one; otherwise loading fails.
-CPU or CUDA; `fp16` runs the network under CUDA autocast (float16 convolutions, float32 post-processing).
+CPU or CUDA; `fp16` runs the network alone under CUDA autocast (float16 convolutions); decoding, sigmoid or softmax,
+thresholds and NMS always run in float32 (`run_module`). TF32 is off unless fp16 is asked for (`set_tf32`): fp32
+means fp32, as in the other engines.
 Needs the export extra (torch, torchvision, onnx) installed. torch is imported in `load`, never at import time.
 """
 
@@ -57,6 +59,27 @@ def weights_argument(metadata: ModelMetadata, model_path: Path) -> str | None:
     )
 
 
+def set_tf32(torch: Any, enabled: bool) -> None:
+    """TF32 for float32 convolutions and matmuls (cuDNN convolutions default to TF32 on Ampere and later)."""
+    precision = "tf32" if enabled else "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9; mixing with allow_tf32 is an error
+        conv.fp32_precision = precision
+        torch.backends.cuda.matmul.fp32_precision = precision
+    else:
+        torch.backends.cudnn.allow_tf32 = enabled
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
+def run_module(torch: Any, module: Any, batch: Any, fp16: bool) -> tuple[Any, Any, Any, Any]:
+    """ExportableSSD on a uint8 batch: the network under autocast when fp16, post-processing in float32 outside it."""
+    with torch.inference_mode():
+        x = module.normalise(batch)  # float32 [B, 3, H, W]
+        with torch.autocast(batch.device.type, dtype=torch.float16, enabled=fp16):
+            regression, logits = module.network(x)  # float16 under autocast
+        return module.postprocess(regression.float(), logits.float())
+
+
 class TorchEngine:
     """The Engine protocol over ExportableSSD in eager PyTorch (one batch at a time)."""
 
@@ -80,6 +103,7 @@ class TorchEngine:
             raise TorchEngineError("fp16 needs a CUDA device")
         if options.intra_op_threads > 0:
             torch.set_num_threads(options.intra_op_threads)
+        set_tf32(torch, options.fp16)
 
         metadata = read_onnx_metadata(path)
         source = REGISTRY.get(metadata.model)
@@ -113,8 +137,7 @@ class TorchEngine:
             raise RuntimeError("infer() before load()")
         torch = self._torch
         batch = torch.from_numpy(images).to(self._device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self._fp16):
-            num_detections, boxes, scores, classes = self._module(batch)
+        num_detections, boxes, scores, classes = run_module(torch, self._module, batch, self._fp16)
         return EngineOutput(
             num_detections=num_detections.to(torch.int32).cpu().numpy(),
             boxes=boxes.float().cpu().numpy(),

@@ -79,3 +79,113 @@ def test_weights_are_found_from_the_description(tmp_path: Path) -> None:
     assert weights_argument(meta("mine.pth"), tmp_path / "m.onnx") == str(tmp_path / "mine.pth")
     with pytest.raises(TorchEngineError, match="put it there"):
         weights_argument(meta("elsewhere.pth"), tmp_path / "m.onnx")
+
+
+TFLITE = REPO_ROOT.parent / "shared" / "models" / "coco_ssd_mobilenet_v1" / "detect.tflite"
+
+
+@pytest.fixture(scope="module")
+def exportable():  # type: ignore[no-untyped-def]  # -> ExportableSSD, float numerics of the shared TFLite model
+    from model_export.exportable import ExportableSSD
+    from model_export.models import REGISTRY
+    from model_export.spec import PostprocessOptions
+
+    if not TFLITE.is_file():
+        pytest.skip(f"shared model missing: {TFLITE}")
+    return ExportableSSD(REGISTRY["ssd_mobilenet_v1_coco"].build(str(TFLITE), None, "float"), PostprocessOptions())
+
+
+def test_autocast_covers_the_network_only(exportable) -> None:  # type: ignore[no-untyped-def]
+    """fp16 autocast (checked here with CPU autocast, the same torch.autocast context) reaches every convolution
+    and stops before post-processing, which gets float32 tensors with autocast off."""
+    import torch
+
+    from server.engines.torch import run_module
+
+    seen: dict[str, list[tuple[bool, torch.dtype]]] = {"conv": [], "postprocess": []}
+
+    def record(where: str):  # type: ignore[no-untyped-def]
+        def hook(module, inputs) -> None:  # type: ignore[no-untyped-def]
+            seen[where].append((torch.is_autocast_enabled("cpu"), inputs[0].dtype))
+        return hook
+
+    convs = [m for m in exportable.network.modules() if isinstance(m, torch.nn.Conv2d)]
+    handles = [c.register_forward_pre_hook(record("conv")) for c in convs]
+    handles.append(exportable.postprocess.register_forward_pre_hook(record("postprocess")))
+    batch = torch.zeros((1, 300, 300, 3), dtype=torch.uint8)
+    try:
+        _, boxes, scores, _ = run_module(torch, exportable, batch, fp16=True)
+        assert len(seen["conv"]) == len(convs) > 0 and all(enabled for enabled, _ in seen["conv"])
+        assert seen["postprocess"] == [(False, torch.float32)]
+        assert boxes.dtype == scores.dtype == torch.float32
+        seen["conv"].clear()
+        seen["postprocess"].clear()
+        run_module(torch, exportable, batch, fp16=False)
+        assert not any(enabled for enabled, _ in seen["conv"]) and seen["postprocess"] == [(False, torch.float32)]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_tf32_is_off_unless_fp16(fp16: bool) -> None:
+    import torch
+
+    from server.engines.torch import set_tf32
+
+    set_tf32(torch, fp16)
+    expected = "tf32" if fp16 else "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == expected
+    assert torch.backends.cuda.matmul.fp32_precision == expected
+    set_tf32(torch, False)
+
+
+def test_loading_turns_tf32_off(tmp_path: Path) -> None:
+    import torch
+
+    from server.engines.torch import set_tf32
+
+    set_tf32(torch, True)
+    with pytest.raises(TorchEngineError, match="not found"):  # the flags are set before the file is read
+        TorchEngine().load(tmp_path / "absent.onnx", EngineOptions())
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("fp16", [False, True])
+def test_torch_cuda_agrees_with_onnxruntime_cpu(default_model: Path, fp16: bool) -> None:
+    """On a GPU: fp32 within the export validation's tolerances of ORT CPU; fp16 within stated ones."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU visible to torch (torch.cuda.is_available() is False here)")
+    from model_export.spec import Detections, PostprocessOptions
+    from model_export.validate import _Tally, compare_detections
+
+    images = np.stack([preprocess(p.read_bytes(), (300, 300)).pixels for p in PHOTOS])
+    reference, engine = OnnxRuntimeEngine(), TorchEngine()
+    metadata = reference.load(default_model, EngineOptions())
+    engine.load(default_model, EngineOptions(device="cuda", fp16=fp16))
+    a, b = reference.infer(images), engine.infer(images)
+    if fp16:
+        # Stated fp16 tolerance: every reference detection above 0.35 is found with its class, its score within
+        # 0.02 and its box within 0.005 (1.5 px at 300x300).
+        assert sum(len(kept(a, i, threshold=0.35)) for i in range(len(images))) >= 3
+        for i in range(len(images)):
+            for cls, score, box in kept(a, i, threshold=0.35):
+                assert any(c == cls and abs(s - score) < 0.02 and float(np.abs(x - box).max()) < 0.005
+                           for c, s, x in kept(b, i, threshold=0.2)), (i, cls, score, box)
+        return
+    options = PostprocessOptions(
+        score_threshold=metadata.score_threshold, iou_threshold=metadata.iou_threshold,
+        candidates_per_class=metadata.candidates_per_class, max_detections=metadata.max_detections,
+    )
+    for i in range(len(images)):
+        ours, theirs = (
+            Detections(torch.from_numpy(o.boxes[i, : o.num_detections[i]].copy()),
+                       torch.from_numpy(o.scores[i, : o.num_detections[i]].copy()),
+                       torch.from_numpy(o.classes[i, : o.num_detections[i]].astype(np.int64)))
+            for o in (b, a)
+        )
+        compare_detections(ours, theirs, options, metadata.labels, f"image {i}", _Tally())
