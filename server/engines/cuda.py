@@ -134,3 +134,27 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.split(b"\0", 1)[0].decode(errors="replace")
     return str(value)
+
+
+def visible_gpu_count() -> int:
+    """NVIDIA GPUs the driver shows this process (CUDA driver API through ctypes: no CUDA runtime, no cuda-python).
+
+    0 when there is no driver (libcuda.so.1 absent), no device, or CUDA_VISIBLE_DEVICES hides them all.
+    onnxruntime-gpu lists CUDAExecutionProvider in get_available_providers() whether or not a GPU exists, so this,
+    not that list, says whether a GPU is there."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def loadable(library: str) -> bool:
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        return False
+    return True
