@@ -12,7 +12,9 @@ When the file records a weights sha256, the rebuilt weights must have the same o
 CPU or CUDA; `fp16` runs the network alone under CUDA autocast (float16 convolutions); decoding, sigmoid or softmax,
 thresholds and NMS always run in float32 (`run_module`). TF32 is off unless fp16 is asked for (`set_tf32`): fp32
 means fp32, as in the other engines.
-Needs the export extra (torch, torchvision, onnx) installed. torch is imported in `load`, never at import time.
+On CUDA the engine is GPU-resident (`server.engines.torch_gpu`: fp16 channels-last network replayed from CUDA
+graphs, float32 post-processing on the GPU) and offers the pipeline `gpu_decoder` (`server.gpu_preprocess`: batched
+nvJPEG decode and resize on the GPU). Needs the export extra (torch, torchvision, onnx) installed. torch is imported in `load`, never at import time.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class TorchEngine:
         self._module: Any = None
         self._device: Any = None
         self._fp16 = False
+        self._runner: Any = None  # server.engines.torch_gpu.CudaRunner on CUDA
+        self.gpu_decoder: Any = None  # server.gpu_preprocess.GpuDecoder on CUDA: the pipeline decodes JPEGs with it
 
     def load(self, path: Path, options: EngineOptions) -> ModelMetadata:
         import torch
@@ -130,11 +134,19 @@ class TorchEngine:
         )
         self._module = ExportableSSD(model, postprocess).eval().to(device)
         self._torch, self._device, self._fp16 = torch, device, options.fp16
+        if device.type == "cuda":  # the GPU-resident path: server.engines.torch_gpu, server.gpu_preprocess
+            from server.engines.torch_gpu import CudaRunner
+            from server.gpu_preprocess import GpuDecoder
+
+            self._runner = CudaRunner(torch, self._module, device, options.fp16, options.max_batch_size)
+            self.gpu_decoder = GpuDecoder(device, tuple(metadata.input_size), max_batch=options.max_batch_size)
         return metadata
 
     def infer(self, images: np.ndarray) -> EngineOutput:
         if self._module is None:
             raise RuntimeError("infer() before load()")
+        if self._runner is not None:
+            return EngineOutput(*self._runner.run(images))
         torch = self._torch
         batch = torch.from_numpy(images).to(self._device, non_blocking=True)
         num_detections, boxes, scores, classes = run_module(torch, self._module, batch, self._fp16)
@@ -146,4 +158,6 @@ class TorchEngine:
         )
 
     def close(self) -> None:
-        self._module = None
+        if self.gpu_decoder is not None:
+            self.gpu_decoder.close()
+        self._module = self._runner = self.gpu_decoder = None

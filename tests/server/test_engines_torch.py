@@ -189,3 +189,43 @@ def test_torch_cuda_agrees_with_onnxruntime_cpu(default_model: Path, fp16: bool)
             for o in (b, a)
         )
         compare_detections(ours, theirs, options, metadata.labels, f"image {i}", _Tally())
+
+
+def test_the_cuda_runner_path_without_graphs_matches_the_eager_module(exportable) -> None:  # type: ignore[no-untyped-def]
+    """The GPU-resident runner's own steps (channels-last network, padding-free eager path, float32 tail, host
+    copies), run on the CPU: the same detections as the plain module."""
+    import copy
+
+    import torch
+
+    from server.engines.torch import run_module
+    from server.engines.torch_gpu import CudaRunner
+
+    images = np.stack([preprocess(p.read_bytes(), (300, 300)).pixels for p in PHOTOS[:2]])
+    expected = [t.numpy() for t in run_module(torch, exportable, torch.from_numpy(images), fp16=False)]
+    runner = CudaRunner(torch, copy.deepcopy(exportable), torch.device("cpu"), fp16=False, max_batch_size=4,
+                        graphs=False)
+    got = runner.run(images)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[3], expected[3])
+    np.testing.assert_allclose(got[1], expected[1], atol=1e-4)
+    np.testing.assert_allclose(got[2], expected[2], atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_graph_replays_padded_batches_like_eager_runs(default_model: Path) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU visible to torch (torch.cuda.is_available() is False here)")
+    images = np.stack([preprocess(p.read_bytes(), (300, 300)).pixels for p in PHOTOS])
+    engine = TorchEngine()
+    engine.load(default_model, EngineOptions(device="cuda", max_batch_size=4))
+    full = engine.infer(images[:4])  # captures the batch-4 graph
+    three = engine.infer(images[:3])  # replays it, zero-padded to 4
+    assert 4 in engine._runner.graphs
+    np.testing.assert_array_equal(three.num_detections, full.num_detections[:3])
+    np.testing.assert_allclose(three.scores, full.scores[:3], atol=1e-6)
+    assert engine.gpu_decoder is not None
+    engine.close()
