@@ -12,6 +12,7 @@ refused on CUDA: its QLinearConv arithmetic is bit-exact on the CPU only.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,9 @@ def explain_missing_cuda(ort: Any) -> str:
 
     if visible_gpu_count() == 0:
         return "no NVIDIA GPU (or driver) is visible to this process"
-    cuda_major = 13 if _version(ort.__version__) >= (1, 24) else 12  # onnxruntime-gpu's PyPI default from 1.24 on
+    cuda_major = provider_cuda_major(ort)
+    if cuda_major is None:
+        return "this onnxruntime carries no CUDA provider library (libonnxruntime_providers_cuda.so)"
     missing = missing_cuda_libraries(cuda_major)
     if missing:
         return (f"{', '.join(missing)} cannot be loaded: install onnxruntime-gpu[cuda,cudnn] (CUDA {cuda_major} "
@@ -71,9 +74,13 @@ def explain_missing_cuda(ort: Any) -> str:
     return "the CUDA and cuDNN libraries load, so see onnxruntime's own log above for the reason"
 
 
-def _version(text: str) -> tuple[int, int]:
-    major, minor, *_ = (text.split(".") + ["0", "0"])
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+def provider_cuda_major(ort: Any) -> int | None:
+    """The CUDA major onnxruntime-gpu's CUDA provider was built against (the libcudart soname it links)."""
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if not library.is_file():
+        return None
+    match = re.search(rb"libcudart\.so\.(\d+)", library.read_bytes())  # read only on this failure path
+    return int(match.group(1)) if match else None
 
 
 def cuda_device_id(device: str) -> int:

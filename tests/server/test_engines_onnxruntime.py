@@ -193,3 +193,16 @@ def test_the_registry_names_every_engine() -> None:
     assert isinstance(create_engine("onnxruntime"), OnnxRuntimeEngine)
     with pytest.raises(ValueError, match="known engines"):
         create_engine("tflite")
+
+
+def test_the_cuda_major_comes_from_the_provider_library(tmp_path: Path) -> None:
+    import types
+
+    from server.engines.onnxruntime import provider_cuda_major
+
+    package = tmp_path / "onnxruntime"
+    (package / "capi").mkdir(parents=True)
+    fake = types.SimpleNamespace(__file__=str(package / "__init__.py"))
+    assert provider_cuda_major(fake) is None  # a CPU-only build has no CUDA provider library
+    (package / "capi" / "libonnxruntime_providers_cuda.so").write_bytes(b"\x7fELF...\0libcublas.so.13\0libcudart.so.13\0")
+    assert provider_cuda_major(fake) == 13
