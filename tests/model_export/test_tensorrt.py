@@ -785,3 +785,54 @@ def test_real_parser_errors(tensorrt: Any, tmp_path: Path, capsys: pytest.Captur
     assert all(line.startswith("  ") for line in lines[start + 1:])
     assert not (tmp_path / "m.engine").exists()
 
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_real_fp16_engine_detects_what_fp32_does(tensorrt: Any, tmp_path: Path) -> None:
+    """The shared model exported as float and built both ways: fp32 within the validation tolerances of ONNX Runtime
+    CPU (tie order aside: TensorRT's is unspecified, see model_export.validate), fp16 (network in fp16, post-processing
+    pinned to fp32) finding every fp32 detection above 0.35 with its score within 0.02 and box within 0.005."""
+    from model_export.models import REGISTRY
+    from model_export.onnx_export import export_onnx
+    from model_export.spec import Detections, PostprocessOptions
+    from model_export.validate import _Tally, compare_detections, load_validation_images
+    from server.engines.base import EngineOptions, EngineOutput
+    from server.engines.tensorrt import TensorRTEngine
+
+    tflite = REPO.parent / "shared" / "models" / "coco_ssd_mobilenet_v1" / "detect.tflite"
+    if not tflite.is_file():
+        pytest.skip(f"shared model missing: {tflite}")
+    model = REGISTRY["ssd_mobilenet_v1_coco"].build(str(tflite), None, "float")
+    onnx_path = tmp_path / "m.onnx"
+    options = PostprocessOptions()
+    export_onnx(model, options, onnx_path)
+    images = load_validation_images(model.input_size).numpy()
+    reference = EngineOutput(**run_onnxruntime(onnx_path, images))
+    outputs = {}
+    for precision in ("fp32", "fp16"):
+        engine_path = tmp_path / f"m.{precision}.engine"
+        assert main(["--onnx", str(onnx_path), "--out", str(engine_path), "--precision", precision,
+                     "--max-batch", "8"]) == 0
+        engine = TensorRTEngine()
+        engine.load(engine_path, EngineOptions(device="cuda", max_batch_size=8))
+        outputs[precision] = engine.infer(images)
+        engine.close()
+
+    def detections(out: EngineOutput, i: int) -> Detections:
+        import torch
+
+        n = int(out.num_detections[i])
+        return Detections(torch.from_numpy(out.boxes[i, :n].copy()), torch.from_numpy(out.scores[i, :n].copy()),
+                          torch.from_numpy(out.classes[i, :n].astype(np.int64)))
+
+    for i in range(len(images)):
+        compare_detections(detections(outputs["fp32"], i), detections(reference, i), options, model.labels,
+                           f"fp32 image {i}", _Tally())
+        fp32, fp16 = detections(outputs["fp32"], i), detections(outputs["fp16"], i)
+        for box, score, cls in zip(fp32.boxes, fp32.scores, fp32.classes, strict=True):
+            if float(score) < 0.35:
+                continue
+            fits = (fp16.classes == cls) & ((fp16.scores - score).abs() < 0.02)
+            fits &= (fp16.boxes - box).abs().amax(dim=1) < 0.005
+            assert bool(fits.any()), (i, int(cls), float(score), box.tolist())
