@@ -9,9 +9,9 @@ exporter's own registry (`model_export.models.REGISTRY` + `ExportableSSD`):
 - a weights file name: looked up beside the model file, then in the working directory and weights/.
 
 When the file records a weights sha256, the rebuilt weights must have the same one; otherwise loading fails.
-CPU or CUDA; `fp16` runs the network alone under CUDA autocast (float16 convolutions); decoding, sigmoid or softmax,
-thresholds and NMS always run in float32 (`run_module`). TF32 is off unless fp16 is asked for (`set_tf32`): fp32
-means fp32, as in the other engines.
+CPU or CUDA; `fp16` (CUDA only) runs the network alone in float16; normalisation, decoding, sigmoid or softmax,
+thresholds and NMS always run in float32 (`torch_gpu.CudaRunner`). TF32 is off unless fp16 is asked for
+(`set_tf32`): fp32 means fp32, as in the other engines.
 On CUDA the engine is GPU-resident (`server.engines.torch_gpu`: fp16 channels-last network replayed from CUDA
 graphs, float32 post-processing on the GPU) and offers the pipeline `gpu_decoder` (`server.gpu_preprocess`: batched
 nvJPEG decode and resize on the GPU). Needs the export extra (torch, torchvision, onnx) installed. torch is imported in `load`, never at import time.
@@ -73,13 +73,10 @@ def set_tf32(torch: Any, enabled: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = enabled
 
 
-def run_module(torch: Any, module: Any, batch: Any, fp16: bool) -> tuple[Any, Any, Any, Any]:
-    """ExportableSSD on a uint8 batch: the network under autocast when fp16, post-processing in float32 outside it."""
+def run_module(torch: Any, module: Any, batch: Any) -> tuple[Any, Any, Any, Any]:
+    """ExportableSSD on a uint8 batch, eagerly, in float32 (the CPU path; CUDA runs `torch_gpu.CudaRunner`)."""
     with torch.inference_mode():
-        x = module.normalise(batch)  # float32 [B, 3, H, W]
-        with torch.autocast(batch.device.type, dtype=torch.float16, enabled=fp16):
-            regression, logits = module.network(x)  # float16 under autocast
-        return module.postprocess(regression.float(), logits.float())
+        return module(batch)
 
 
 class TorchEngine:
@@ -149,7 +146,7 @@ class TorchEngine:
             return EngineOutput(*self._runner.run(images))
         torch = self._torch
         batch = torch.from_numpy(images).to(self._device, non_blocking=True)
-        num_detections, boxes, scores, classes = run_module(torch, self._module, batch, self._fp16)
+        num_detections, boxes, scores, classes = run_module(torch, self._module, batch)
         return EngineOutput(
             num_detections=num_detections.to(torch.int32).cpu().numpy(),
             boxes=boxes.float().cpu().numpy(),

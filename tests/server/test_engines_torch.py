@@ -95,36 +95,32 @@ def exportable():  # type: ignore[no-untyped-def]  # -> ExportableSSD, float num
     return ExportableSSD(REGISTRY["ssd_mobilenet_v1_coco"].build(str(TFLITE), None, "float"), PostprocessOptions())
 
 
-def test_autocast_covers_the_network_only(exportable) -> None:  # type: ignore[no-untyped-def]
-    """fp16 autocast (checked here with CPU autocast, the same torch.autocast context) reaches every convolution
-    and stops before post-processing, which gets float32 tensors with autocast off."""
+def test_fp16_covers_the_network_only(exportable) -> None:  # type: ignore[no-untyped-def]
+    """The CUDA runner's fp16 (run here on the CPU, eagerly: the same module calls) reaches every convolution in
+    float16 and stops before post-processing, which gets float32 tensors."""
+    import copy
+
     import torch
 
-    from server.engines.torch import run_module
+    from server.engines.torch_gpu import CudaRunner
 
-    seen: dict[str, list[tuple[bool, torch.dtype]]] = {"conv": [], "postprocess": []}
+    seen: dict[str, list[torch.dtype]] = {"conv": [], "postprocess": []}
 
     def record(where: str):  # type: ignore[no-untyped-def]
         def hook(module, inputs) -> None:  # type: ignore[no-untyped-def]
-            seen[where].append((torch.is_autocast_enabled("cpu"), inputs[0].dtype))
+            seen[where].extend(t.dtype for t in inputs)
         return hook
 
-    convs = [m for m in exportable.network.modules() if isinstance(m, torch.nn.Conv2d)]
-    handles = [c.register_forward_pre_hook(record("conv")) for c in convs]
-    handles.append(exportable.postprocess.register_forward_pre_hook(record("postprocess")))
-    batch = torch.zeros((1, 300, 300, 3), dtype=torch.uint8)
-    try:
-        _, boxes, scores, _ = run_module(torch, exportable, batch, fp16=True)
-        assert len(seen["conv"]) == len(convs) > 0 and all(enabled for enabled, _ in seen["conv"])
-        assert seen["postprocess"] == [(False, torch.float32)]
-        assert boxes.dtype == scores.dtype == torch.float32
-        seen["conv"].clear()
-        seen["postprocess"].clear()
-        run_module(torch, exportable, batch, fp16=False)
-        assert not any(enabled for enabled, _ in seen["conv"]) and seen["postprocess"] == [(False, torch.float32)]
-    finally:
-        for handle in handles:
-            handle.remove()
+    module = copy.deepcopy(exportable)
+    convs = [m for m in module.network.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        conv.register_forward_pre_hook(record("conv"))
+    module.postprocess.register_forward_pre_hook(record("postprocess"))
+    runner = CudaRunner(torch, module, torch.device("cpu"), fp16=True, max_batch_size=1, graphs=False)
+    num, boxes, scores, classes = runner.run(np.zeros((1, 300, 300, 3), dtype=np.uint8))
+    assert len(seen["conv"]) == len(convs) > 0 and set(seen["conv"]) == {torch.float16}
+    assert seen["postprocess"] == [torch.float32, torch.float32]  # regression, logits
+    assert boxes.dtype == scores.dtype == np.float32 and num.dtype == classes.dtype == np.int32
 
 
 @pytest.mark.parametrize("fp16", [False, True])
@@ -202,7 +198,7 @@ def test_the_cuda_runner_path_without_graphs_matches_the_eager_module(exportable
     from server.engines.torch_gpu import CudaRunner
 
     images = np.stack([preprocess(p.read_bytes(), (300, 300)).pixels for p in PHOTOS[:2]])
-    expected = [t.numpy() for t in run_module(torch, exportable, torch.from_numpy(images), fp16=False)]
+    expected = [t.numpy() for t in run_module(torch, exportable, torch.from_numpy(images))]
     runner = CudaRunner(torch, copy.deepcopy(exportable), torch.device("cpu"), fp16=False, max_batch_size=4,
                         graphs=False)
     got = runner.run(images)
