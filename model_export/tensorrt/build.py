@@ -171,7 +171,7 @@ def build_engine(onnx_path: Path, out: Path, options: BuildOptions, cuda: Cuda |
 def _build_plan(trt: ModuleType, onnx: OnnxFacts, options: BuildOptions, gpu: GpuFacts) -> memoryview:
     logger = make_logger(trt, verbose=options.verbose)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: every network has an explicit batch axis
+    network = builder.create_network(network_flags(trt, options.precision))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx.data, str(onnx.path)):
         lines = [describe_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors
@@ -196,6 +196,19 @@ def _build_plan(trt: ModuleType, onnx: OnnxFacts, options: BuildOptions, gpu: Gp
     return memoryview(plan)
 
 
+STRONGLY_TYPED_SINCE = (10, 12)  # TensorRT deprecates weakly typed precision (BuilderFlag.FP16) from here on
+
+
+def network_flags(trt: ModuleType, precision: Precision) -> int:
+    """fp32 on TensorRT >= 10.12: a strongly typed network (every tensor keeps the ONNX file's float32), the mode
+    that replaces the deprecated weak typing; fp16 still needs weak typing (BuilderFlag.FP16, deprecated but present
+    in 10.x) because the exported file is float32 throughout. Every TensorRT 10 network has an explicit batch axis."""
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    if precision == "fp32" and flag is not None and _version(trt.__version__) >= STRONGLY_TYPED_SINCE:
+        return 1 << int(flag)
+    return 0
+
+
 def set_precision(trt: ModuleType, builder: Any, config: Any, precision: Precision, gpu: GpuFacts) -> None:
     if precision == "fp32":
         tf32 = getattr(trt.BuilderFlag, "TF32", None)
@@ -216,6 +229,9 @@ def set_precision(trt: ModuleType, builder: Any, config: Any, precision: Precisi
             f"{gpu.name} (compute capability {gpu.compute_capability}) has no fast fp16: "
             "build with --precision fp32"
         )
+    if _version(trt.__version__) >= STRONGLY_TYPED_SINCE:
+        _say(f"note: TensorRT {trt.__version__} deprecates the FP16 builder flag this fp16 build uses (weak typing); "
+             "TensorRT 11 removes it, and fp16 builds are refused there")
     config.set_flag(fp16)
 
 
@@ -310,6 +326,14 @@ def _call(obj: Any, method: str) -> Any:
 def _fast_fp16(compute_capability: str) -> bool:
     major, minor = (int(part) for part in compute_capability.split("."))
     return major >= 7 or (major, minor) in {(5, 3), (6, 0), (6, 2)}
+
+
+def _version(version: str) -> tuple[int, int]:
+    parts = (version.split(".") + ["0"])[:2]
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        return 0, 0
 
 
 def _major(version: str) -> int:

@@ -602,11 +602,12 @@ class FakeTensorRT:
                 self.logger.log(severity.INFO, "an info line only --verbose shows")
                 return plan
 
+        creation = types.SimpleNamespace(STRONGLY_TYPED=1)
         flags = {"TF32": "TF32", "OBEY_PRECISION_CONSTRAINTS": "OBEY_PRECISION_CONSTRAINTS"}
         flags |= {"FP16": "FP16"} if fp16_flag else {}
         self.network: Any = None
         self.module = types.SimpleNamespace(
-            float32="float32", float16="float16",
+            float32="float32", float16="float16", NetworkDefinitionCreationFlag=creation,
             __version__=version, ILogger=ILogger, Builder=Builder, OnnxParser=OnnxParser,
             BuilderFlag=types.SimpleNamespace(**flags), MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
         )
@@ -646,6 +647,19 @@ def test_build_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     assert sorted(p.name for p in engine.parent.iterdir()) == ["m.engine", "m.engine.json"]  # no temp files left
     err = capsys.readouterr().err
     assert "[TensorRT] a warning the user sees" in err and "info line" not in err
+
+
+@pytest.mark.parametrize(("version", "precision", "flags"), [
+    ("10.9.0.34", "fp32", 0), ("10.12.0.36", "fp32", 1 << 1), ("11.0.0.1", "fp32", 1 << 1),
+    ("10.12.0.36", "fp16", 0),
+])
+def test_strong_typing_from_10_12_for_fp32(version: str, precision: str, flags: int, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeTensorRT(version=version)
+    _build(tmp_path, monkeypatch, fake, precision=precision)
+    assert fake.calls["network_flags"] == flags
+    deprecated = "deprecates the FP16 builder flag" in capsys.readouterr().err
+    assert deprecated == (precision == "fp16" and version != "10.9.0.34")
 
 
 def test_build_fp16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
