@@ -98,7 +98,7 @@ def agree_fp16(ours: EngineOutput, ref: EngineOutput) -> tuple[bool, str]:
     return missing == 0 and found > 0, detail
 
 
-def throughput(engine, images: np.ndarray, seconds: float = 1.5) -> str:  # noqa: ANN001
+def throughput(engine, images: np.ndarray, seconds: float = 1.0) -> str:  # noqa: ANN001
     parts = []
     for batch in BATCHES:
         rows = np.resize(np.arange(len(images)), batch)
