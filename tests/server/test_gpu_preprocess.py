@@ -149,3 +149,30 @@ def test_nvjpeg_decode_and_gpu_resize_track_the_cpu_path() -> None:
         # nvJPEG's IDCT / chroma upsampling vs libjpeg-turbo's: small on average, bounded at the worst pixel.
         assert float(diff.mean()) < 1.5 and int(diff.max()) <= 24, (float(diff.mean()), int(diff.max()))
     assert results[-1] is None or results[-1].pixels.shape == (*SIZE, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not PHOTOS, reason=f"shared photos missing under {SHARED}")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU visible to torch")
+def test_the_gpu_resident_server_answers_like_the_cpu_server(server_factory, server) -> None:  # type: ignore[no-untyped-def]
+    """--engine torch --device cuda --fp16 over HTTP: JPEGs through nvJPEG, a PNG through the CPU fallback, a bad
+    file refused as on the CPU; every confident CPU-server detection found (class, score within 0.05, box within
+    3 px), as nvJPEG's pixels and the fp16 network allow."""
+    import httpx
+
+    gpu = server_factory({"engine": "torch", "device": "cuda", "fp16": True, "max_batch_size": 8})
+    png = encode(np.asarray(Image.open(PHOTOS[0]).convert("RGB")), fmt="PNG")
+    files = [p.read_bytes() for p in PHOTOS] + [png]
+    with httpx.Client(base_url=server.url, timeout=60) as cpu_client, \
+            httpx.Client(base_url=gpu.url, timeout=60) as gpu_client:
+        for data in files:
+            want = cpu_client.post("/detect", content=data, params={"score_threshold": 0.4}).json()
+            got = gpu_client.post("/detect", content=data, params={"score_threshold": 0.3}).json()
+            assert (got["width"], got["height"]) == (want["width"], want["height"])
+            for d in want["detections"]:
+                assert any(g["class_id"] == d["class_id"] and abs(g["score"] - d["score"]) < 0.05
+                           and max(abs(g["box"][k] - d["box"][k]) for k in d["box"]) < 3.0
+                           for g in got["detections"]), d
+        bad = gpu_client.post("/detect", content=b"\xff\xd8\xff\xe0 not a jpeg")
+        assert bad.status_code == 400 and gpu_client.get("/readyz").status_code == 200
