@@ -9,7 +9,7 @@ ifneq ($(wildcard $(SHARED)/models),)
 export SSD_WEIGHTS_MIRROR ?= $(SHARED)/models
 endif
 
-.PHONY: setup serve test system-deps lock
+.PHONY: setup serve test system-deps gpu-check gpu-wheels
 
 setup: $(VENV)/.installed
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from model_export.contract.errors import ContractError
 from model_export.errors import ExportError
 from model_export.spec import PostprocessOptions
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except ExportError as exc:
+    except ContractError as exc:
         if args.verbose:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)

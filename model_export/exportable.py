@@ -23,7 +23,12 @@ class ExportableSSD(nn.Module):
         self.postprocess = SSDPostprocess(model, options)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = images.permute(0, 3, 1, 2).to(torch.float32)  # [B, 3, H, W]
-        x = x * self.scale + self.shift
-        regression, logits = self.network(x)  # [B, N, 4], [B, N, C]
+        regression, logits = self.network(self.normalise(images))  # [B, N, 4], [B, N, C]
         return self.postprocess(regression, logits)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> float32 [B, 3, H, W], (x - mean) / std."""
+        # Cast before any other op: TensorRT takes uint8 only as a network input or output, so no uint8
+        # intermediate (e.g. a transposed uint8 tensor) may exist in the exported graph.
+        x = images.to(torch.float32).permute(0, 3, 1, 2)  # [B, 3, H, W]
+        return x * self.scale + self.shift

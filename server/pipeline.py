@@ -173,6 +173,12 @@ class Pipeline:
     async def decode(self, upload: Upload) -> PreparedImage:
         metadata, _ = self.ready()
         check_content_type(upload.content_type)
+        gpu_decoder = getattr(self._engine, "gpu_decoder", None)  # server.gpu_preprocess.GpuDecoder; None: CPU
+        if gpu_decoder is not None:
+            prepared = await gpu_decoder.prepare(upload.data, self.settings.max_image_pixels)
+            if prepared is not None:  # None: not a JPEG nvJPEG takes; the CPU path below decides
+                self.metrics.decode_duration.observe(prepared.decode_s)
+                return prepared
         loop = asyncio.get_running_loop()
         job = functools.partial(
             preprocess,

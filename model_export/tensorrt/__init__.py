@@ -1,15 +1,15 @@
 """Exported ONNX -> TensorRT engine (`python -m model_export.tensorrt --onnx m.onnx --out m.engine`).
 
-    facts   the JSON an engine carries beside it (model description + build facts), compatibility check
-    device  the CUDA runtime calls the builder and the server engine share (cuda-python, imported lazily)
-    build   ONNX checks, TensorRT OnnxParser -> optimisation profile -> precision -> serialised engine
+    device     the CUDA runtime calls the builder needs (cuda-python, imported lazily)
+    preflight  graph checks TensorRT's parser would fail on (uint8 intermediates, TopK K > 3840)
+    build      ONNX checks, TensorRT OnnxParser -> optimisation profile -> precision -> serialised engine
+(The JSON an engine carries beside it is `model_export.contract.engine`: the server reads it too.)
     __main__ the command line
 
 Importing this package imports neither TensorRT nor CUDA.
 """
 
-from model_export.tensorrt.build import BuildOptions, build_engine, inspect_onnx
-from model_export.tensorrt.facts import (
+from model_export.contract.engine import (
     BatchProfile,
     BuildFacts,
     EngineDescription,
@@ -18,6 +18,7 @@ from model_export.tensorrt.facts import (
     check_compatible,
     read_engine_description,
 )
+from model_export.tensorrt.build import BuildOptions, build_engine, inspect_onnx
 
 __all__ = [
     "BatchProfile",

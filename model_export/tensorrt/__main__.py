@@ -11,10 +11,11 @@ import sys
 import traceback
 from pathlib import Path
 
+from model_export.contract.errors import ContractError
 from model_export.errors import ExportError
 from model_export.contract.metadata import sidecar_path
 from model_export.tensorrt.build import BuildOptions, build_engine
-from model_export.tensorrt.facts import DEFAULT_MAX_BATCH, PRECISIONS, batch_profile
+from model_export.contract.engine import DEFAULT_MAX_BATCH, PRECISIONS, batch_profile
 
 
 def _positive_int(text: str) -> int:
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Path, Path, BuildOptions]
     args = parser.parse_args(argv)
     try:
         profile = batch_profile(args.max_batch, args.opt_batch)
-    except ExportError as exc:
+    except ContractError as exc:
         parser.error(str(exc))
     out = args.out if args.out is not None else args.onnx.with_suffix(".engine")
     options = BuildOptions(
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path, out, options = parse_args(argv)
     try:
         description = build_engine(onnx_path, out, options)
-    except ExportError as exc:
+    except ContractError as exc:
         if options.verbose:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)

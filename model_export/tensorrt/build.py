@@ -1,12 +1,14 @@
 """Exported ONNX -> serialised TensorRT engine + its JSON description.
 
-    inspect_onnx   the file exists, parses, carries ssd-serve metadata and the contract's input (pure Python)
+    inspect_onnx   the file exists, parses, carries ssd-serve metadata and the contract's input, and passes the
+                   pre-flight graph checks (no uint8 intermediates, TopK K <= 3840; see preflight.py) (pure Python)
     build_engine   TensorRT's OnnxParser -> one optimisation profile for `images` -> fp32 or fp16 -> plan bytes,
                    written atomically together with `<engine>.json`
 
 TensorRT and cuda-python are imported inside the functions that need them (no import-time side effects).
 Nothing asked for is quietly changed: fp16 on a GPU without fast fp16 is an error, and fp32 means fp32
-(TensorRT's default TF32 for fp32 layers is switched off).
+(TensorRT's default TF32 for fp32 layers is switched off). fp16 is the network only: the post-processing layers
+are pinned to float32 (`pin_postprocess_fp32`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from model_export.errors import ExportError
-from model_export.contract.metadata import INPUT_NAME, METADATA_KEY, ModelMetadata, sidecar_path
-from model_export.tensorrt.device import Cuda
-from model_export.tensorrt.facts import (
+from model_export.contract.engine import (
     OUTPUTS,
     BatchProfile,
     BuildFacts,
@@ -34,6 +33,10 @@ from model_export.tensorrt.facts import (
     Precision,
     batch_profile,
 )
+from model_export.errors import ExportError
+from model_export.contract.metadata import INPUT_NAME, METADATA_KEY, ModelMetadata, sidecar_path
+from model_export.tensorrt.device import Cuda
+from model_export.tensorrt.preflight import preflight_problems
 
 MIN_TENSORRT_MAJOR = 10
 TENSORRT_HINT = (
@@ -120,13 +123,18 @@ def inspect_onnx(path: Path) -> OnnxFacts:
     missing = sorted(set(OUTPUTS) - {value.name for value in model.graph.output})
     if missing:
         raise ExportError(f"{path}: outputs {missing} of the model contract are missing")
+    problems = preflight_problems(model)
+    if problems:
+        raise ExportError(f"{path} cannot be built by TensorRT: " + "; ".join(problems) + "; re-export it")
     return OnnxFacts(path, metadata, input_size, hashlib.sha256(data).hexdigest(), data)
 
 
 def import_tensorrt() -> ModuleType:
     try:
         import tensorrt
-    except ImportError:
+    except ImportError as exc:
+        if "lib" in str(exc) and ".so" in str(exc):  # the wheel is there, a CUDA/TensorRT library it loads is not
+            raise ExportError(f"TensorRT is installed but cannot load a library it needs ({exc}): {TENSORRT_HINT}") from None
         raise ExportError(f"TensorRT is not installed: {TENSORRT_HINT}") from None
     major = _major(tensorrt.__version__)
     if major < MIN_TENSORRT_MAJOR:
@@ -163,7 +171,7 @@ def build_engine(onnx_path: Path, out: Path, options: BuildOptions, cuda: Cuda |
 def _build_plan(trt: ModuleType, onnx: OnnxFacts, options: BuildOptions, gpu: GpuFacts) -> memoryview:
     logger = make_logger(trt, verbose=options.verbose)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: every network has an explicit batch axis
+    network = builder.create_network(network_flags(trt, options.precision))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx.data, str(onnx.path)):
         lines = [describe_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors
@@ -174,6 +182,8 @@ def _build_plan(trt: ModuleType, onnx: OnnxFacts, options: BuildOptions, gpu: Gp
     if options.workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
     set_precision(trt, builder, config, options.precision, gpu)
+    if options.precision == "fp16":
+        pin_postprocess_fp32(trt, network, config)
     profile = builder.create_optimization_profile()
     p = options.profile
     profile.set_shape(INPUT_NAME, (p.min, height, width, 3), (p.opt, height, width, 3), (p.max, height, width, 3))
@@ -184,6 +194,19 @@ def _build_plan(trt: ModuleType, onnx: OnnxFacts, options: BuildOptions, gpu: Gp
         errors = "\n".join(f"  {message}" for message in logger.errors) or "  (TensorRT logged no error)"
         raise ExportError(f"TensorRT could not build an engine from {onnx.path}:\n{errors}")
     return memoryview(plan)
+
+
+STRONGLY_TYPED_SINCE = (10, 12)  # TensorRT deprecates weakly typed precision (BuilderFlag.FP16) from here on
+
+
+def network_flags(trt: ModuleType, precision: Precision) -> int:
+    """fp32 on TensorRT >= 10.12: a strongly typed network (every tensor keeps the ONNX file's float32), the mode
+    that replaces the deprecated weak typing; fp16 still needs weak typing (BuilderFlag.FP16, deprecated but present
+    in 10.x) because the exported file is float32 throughout. Every TensorRT 10 network has an explicit batch axis."""
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    if precision == "fp32" and flag is not None and _version(trt.__version__) >= STRONGLY_TYPED_SINCE:
+        return 1 << int(flag)
+    return 0
 
 
 def set_precision(trt: ModuleType, builder: Any, config: Any, precision: Precision, gpu: GpuFacts) -> None:
@@ -206,7 +229,41 @@ def set_precision(trt: ModuleType, builder: Any, config: Any, precision: Precisi
             f"{gpu.name} (compute capability {gpu.compute_capability}) has no fast fp16: "
             "build with --precision fp32"
         )
+    if _version(trt.__version__) >= STRONGLY_TYPED_SINCE:
+        _say(f"note: TensorRT {trt.__version__} deprecates the FP16 builder flag this fp16 build uses (weak typing); "
+             "TensorRT 11 removes it, and fp16 builds are refused there")
     config.set_flag(fp16)
+
+
+POSTPROCESS_SCOPE = "/postprocess/"  # the exporter's module name: ExportableSSD.postprocess
+
+
+def pin_postprocess_fp32(trt: ModuleType, network: Any, config: Any) -> int:
+    """Keep box decoding, sigmoid/softmax, thresholds, TopK and NMS in float32 in an fp16 build.
+
+    FP16 lets TensorRT pick fp16 for any layer; the detection tail compares scores with thresholds and with each
+    other, where fp16 rounding (about 5e-4 near 0.5) would reorder ties and move boxes by ~0.1 px at 300x300.
+    Every layer the ONNX parser made from a node under `/postprocess/` gets precision float32 (and float32
+    outputs where it outputs floats), enforced with OBEY_PRECISION_CONSTRAINTS. Returns the number of layers pinned.
+    (TensorRT >= 10.12 deprecates this weakly typed mode; TensorRT 11 has no FP16 flag and is refused before here.)
+    """
+    pinned = 0
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if POSTPROCESS_SCOPE not in layer.name:
+            continue
+        floats = (trt.float32, trt.float16)
+        float_outputs = [i for i in range(layer.num_outputs) if layer.get_output(i).dtype in floats]
+        inputs = [layer.get_input(i) for i in range(layer.num_inputs)]
+        if not float_outputs and not any(t is not None and t.dtype in floats for t in inputs):
+            continue  # integer or boolean arithmetic only (index maths): nothing to pin
+        layer.precision = trt.float32
+        for i in float_outputs:
+            layer.set_output_type(i, trt.float32)
+        pinned += 1
+    if pinned:
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    return pinned
 
 
 def make_logger(trt: ModuleType, verbose: bool) -> Any:
@@ -269,6 +326,14 @@ def _call(obj: Any, method: str) -> Any:
 def _fast_fp16(compute_capability: str) -> bool:
     major, minor = (int(part) for part in compute_capability.split("."))
     return major >= 7 or (major, minor) in {(5, 3), (6, 0), (6, 2)}
+
+
+def _version(version: str) -> tuple[int, int]:
+    parts = (version.split(".") + ["0"])[:2]
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        return 0, 0
 
 
 def _major(version: str) -> int:

@@ -1,4 +1,7 @@
-"""The few CUDA runtime calls the TensorRT builder and engine need, through NVIDIA's cuda-python.
+"""The CUDA runtime calls the TensorRT builder needs (which GPU it builds for), through NVIDIA's cuda-python.
+
+The server's engines have their own CUDA helpers (device buffers, streams) in `server.engines.cuda`: the
+exporter and the server do not import each other.
 
 cuda-python is imported on first use, never at import time. Every call checks its status and raises
 `CudaError` (an `ExportError`: one line for the user) naming the call and CUDA's own error text.
@@ -6,15 +9,12 @@ cuda-python is imported on first use, never at import time. Every call checks it
 
 from __future__ import annotations
 
-import ctypes
 import os
 from types import ModuleType
 from typing import Any
 
-import numpy as np
-
+from model_export.contract.engine import GpuFacts
 from model_export.errors import ExportError
-from model_export.tensorrt.facts import GpuFacts
 
 CUDA_PYTHON_HINT = "pip install cuda-python (its CUDA major version must not exceed what the NVIDIA driver supports)"
 
@@ -36,7 +36,7 @@ def import_cudart() -> ModuleType:
 
 
 class Cuda:
-    """A thin, checked wrapper over the CUDA runtime (device pointers and streams are plain ints)."""
+    """A thin, checked wrapper over the CUDA runtime: the GPU facts a build records."""
 
     def __init__(self, runtime: ModuleType | None = None) -> None:
         self.rt = runtime if runtime is not None else import_cudart()
@@ -74,48 +74,6 @@ class Cuda:
             raise CudaError(f"there is no GPU cuda:{device}: {count} visible")
         props = self._check(self.rt.cudaGetDeviceProperties(device), f"cudaGetDeviceProperties({device})")
         return GpuFacts(name=_text(props.name), compute_capability=f"{props.major}.{props.minor}")
-
-    def set_device(self, device: int) -> None:
-        self._check(self.rt.cudaSetDevice(device), f"cudaSetDevice({device})")
-
-    # -- memory ----------------------------------------------------------------------------------------------
-    def malloc(self, nbytes: int) -> int:
-        return int(self._check(self.rt.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
-
-    def free(self, ptr: int) -> None:
-        self._check(self.rt.cudaFree(ptr), "cudaFree")
-
-    def malloc_host(self, nbytes: int) -> int:
-        """Page-locked host memory: copies from and to it run asynchronously at full bandwidth."""
-        return int(self._check(self.rt.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})"))
-
-    def free_host(self, ptr: int) -> None:
-        self._check(self.rt.cudaFreeHost(ptr), "cudaFreeHost")
-
-    def copy_to_device(self, dst: int, src: int, nbytes: int, stream: int) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._check(self.rt.cudaMemcpyAsync(dst, src, nbytes, kind, stream), "cudaMemcpyAsync (host to device)")
-
-    def copy_to_host(self, dst: int, src: int, nbytes: int, stream: int) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._check(self.rt.cudaMemcpyAsync(dst, src, nbytes, kind, stream), "cudaMemcpyAsync (device to host)")
-
-    # -- streams ---------------------------------------------------------------------------------------------
-    def create_stream(self) -> int:
-        return int(self._check(self.rt.cudaStreamCreate(), "cudaStreamCreate"))
-
-    def synchronize(self, stream: int) -> None:
-        self._check(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-
-    def destroy_stream(self, stream: int) -> None:
-        self._check(self.rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
-
-
-def host_array(ptr: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A numpy view over `ptr` (page-locked memory from `Cuda.malloc_host`); valid until that memory is freed."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = (ctypes.c_uint8 * nbytes).from_address(ptr)
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 def _text(value: Any) -> str:

@@ -3,10 +3,16 @@
 load    one InferenceSession (intra-op threads as configured, sequential execution, all graph optimisations);
         the description is read from the file's own metadata; the input and outputs are checked against the contract
 infer   CPU: session.run; CUDA: the batch is copied to the device once (OrtValue), outputs bound to host memory
+
+On CUDA (`cuda_provider_options`): TF32 off unless fp16 is asked for (ORT has no fp16 mode for a float32 file;
+TF32 convolutions are the reduced precision it offers), and cuDNN's HEURISTIC algorithm choice, so that a batch
+size the warm-up did not run does not trigger an EXHAUSTIVE search under live traffic. An integer (QDQ) export is
+refused on CUDA: its QLinearConv arithmetic is bit-exact on the CPU only.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,53 @@ _ONNX_TYPES = {
 
 class EngineLoadError(RuntimeError):
     """The file cannot be served by this engine (missing, not an ssd-serve export, wrong contract, no device)."""
+
+
+# The CUDA and cuDNN libraries onnxruntime-gpu's CUDA provider loads (CUDA major as built; cuDNN 9).
+CUDA_LIBRARIES = ("libcudart.so.{cuda}", "libcublas.so.{cuda}", "libcublasLt.so.{cuda}", "libcufft.so.{cufft}",
+                  "libcudnn.so.9")
+_CUFFT_MAJOR = {12: 11, 13: 12}  # cuFFT's soname major in each CUDA major
+
+
+def cuda_provider_options(device_id: int, fp16: bool) -> dict[str, str]:
+    return {
+        "device_id": str(device_id),
+        "use_tf32": "1" if fp16 else "0",
+        "cudnn_conv_algo_search": "HEURISTIC",
+    }
+
+
+def missing_cuda_libraries(cuda_major: int) -> list[str]:
+    from server.engines.cuda import loadable
+
+    names = [n.format(cuda=cuda_major, cufft=_CUFFT_MAJOR.get(cuda_major, cuda_major - 1)) for n in CUDA_LIBRARIES]
+    return [name for name in names if not loadable(name)]
+
+
+def explain_missing_cuda(ort: Any) -> str:
+    """Why the CUDA provider did not register: no GPU, or which CUDA/cuDNN library is missing."""
+    from server.engines.cuda import visible_gpu_count
+
+    if visible_gpu_count() == 0:
+        return "no NVIDIA GPU (or driver) is visible to this process"
+    cuda_major = provider_cuda_major(ort)
+    if cuda_major is None:
+        return "this onnxruntime carries no CUDA provider library (libonnxruntime_providers_cuda.so)"
+    missing = missing_cuda_libraries(cuda_major)
+    if missing:
+        return (f"{', '.join(missing)} cannot be loaded: install onnxruntime-gpu[cuda,cudnn] (CUDA {cuda_major} "
+                "and cuDNN 9 from PyPI), or run in NVIDIA's NGC image; README, GPU section, lists the driver and CUDA "
+                "pairs")
+    return "the CUDA and cuDNN libraries load, so see onnxruntime's own log above for the reason"
+
+
+def provider_cuda_major(ort: Any) -> int | None:
+    """The CUDA major onnxruntime-gpu's CUDA provider was built against (the libcudart soname it links)."""
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if not library.is_file():
+        return None
+    match = re.search(rb"libcudart\.so\.(\d+)", library.read_bytes())  # read only on this failure path
+    return int(match.group(1)) if match else None
 
 
 def cuda_device_id(device: str) -> int:
@@ -96,10 +149,17 @@ class OnnxRuntimeEngine:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise EngineLoadError(
                     f"device {options.device!r} asked for, but this onnxruntime has no CUDAExecutionProvider "
-                    f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu"
+                    f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu[cuda,cudnn] "
+                    "in place of onnxruntime"
                 )
             self._cuda_device = cuda_device_id(options.device)
-            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": self._cuda_device}), "CPUExecutionProvider"]
+            if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels of onnxruntime-gpu[cuda,cudnn]
+                try:
+                    ort.preload_dlls()
+                except Exception:  # noqa: BLE001 - best effort: a library still missing is named below
+                    pass
+            cuda_options = cuda_provider_options(self._cuda_device, options.fp16)
+            providers: list[Any] = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
 
@@ -107,9 +167,17 @@ class OnnxRuntimeEngine:
             session = ort.InferenceSession(str(path), session_options, providers=providers)
         except Exception as exc:
             raise EngineLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
-        if self._cuda_device is not None and "CUDAExecutionProvider" not in session.get_providers():
-            raise EngineLoadError(f"onnxruntime did not enable CUDAExecutionProvider for {path} (see its log above)")
         metadata = read_metadata(session, path)
+        if self._cuda_device is not None and metadata.extra.get("numerics") == "integer":
+            raise EngineLoadError(
+                f"{path} is an integer (QDQ) export: its uint8 arithmetic matches LiteRT bit for bit on the CPU "
+                "(QLinearConv), which ONNX Runtime's CUDA provider is not known to do; serve it with --device cpu, "
+                "or re-export with --numerics float for the GPU"
+            )
+        if self._cuda_device is not None and "CUDAExecutionProvider" not in session.get_providers():
+            raise EngineLoadError(
+                f"onnxruntime did not enable CUDAExecutionProvider for {path}: {explain_missing_cuda(ort)}"
+            )
         check_contract(session, metadata, path)
         self._session, self._ort = session, ort
         return metadata

@@ -17,22 +17,38 @@ from typing import Any
 
 import numpy as np
 
-from model_export.errors import ExportError
+from model_export.contract.errors import ContractError
 from model_export.contract.metadata import INPUT_NAME, ModelMetadata
-from model_export.tensorrt.build import import_tensorrt
-from model_export.tensorrt.device import Cuda, host_array
-from model_export.tensorrt.facts import (
+from model_export.contract.engine import (
     OUTPUTS,
     check_compatible,
     read_engine_description,
 )
+from server.engines.cuda import TENSORRT_HINT, Cuda, host_array, missing_library
 from server.engines.base import EngineOptions, EngineOutput
 
 TENSOR_DTYPES = {INPUT_NAME: np.dtype(np.uint8)} | {name: np.dtype(dtype) for name, (dtype, _) in OUTPUTS.items()}
 
 
-class TensorRTEngineError(ExportError):
+class TensorRTEngineError(ContractError):
     """The engine file cannot be loaded here, or a batch could not run."""
+
+
+MIN_TENSORRT_MAJOR = 10
+
+
+def import_tensorrt() -> ModuleType:
+    """The tensorrt module, or an error naming what is missing (the wheel, or a shared library it loads)."""
+    try:
+        import tensorrt
+    except ImportError as exc:
+        missing = missing_library(exc)
+        if missing is None:
+            raise TensorRTEngineError(f"TensorRT is not installed: {TENSORRT_HINT}") from None
+        raise TensorRTEngineError(f"TensorRT is installed but cannot load {missing}: {TENSORRT_HINT}") from None
+    if int(tensorrt.__version__.split(".", 1)[0]) < MIN_TENSORRT_MAJOR:
+        raise TensorRTEngineError(f"TensorRT {tensorrt.__version__} is too old: {MIN_TENSORRT_MAJOR}.0 or later is needed")
+    return tensorrt
 
 
 @dataclass
@@ -125,7 +141,7 @@ class TensorRTEngine:
         except BaseException:
             try:
                 self.close()
-            except ExportError:
+            except ContractError:
                 pass  # the load failure is the error to report
             raise
         return metadata
@@ -206,11 +222,11 @@ class TensorRTEngine:
                 binding.host = np.empty(0)  # no view may outlive its page-locked memory
                 releases += [(cuda.free, binding.device_ptr)] if binding.device_ptr else []
                 releases += [(cuda.free_host, binding.host_ptr)] if binding.host_ptr else []
-            first_error: ExportError | None = None
+            first_error: ContractError | None = None
             for release, handle in releases:
                 try:
                     release(handle)
-                except ExportError as exc:
+                except ContractError as exc:
                     first_error = first_error or exc
             if first_error is not None:
                 raise first_error

@@ -9,8 +9,12 @@ exporter's own registry (`model_export.models.REGISTRY` + `ExportableSSD`):
 - a weights file name: looked up beside the model file, then in the working directory and weights/.
 
 When the file records a weights sha256, the rebuilt weights must have the same one; otherwise loading fails.
-CPU or CUDA; `fp16` runs the network under CUDA autocast (float16 convolutions, float32 post-processing).
-Needs the export extra (torch, torchvision, onnx) installed. torch is imported in `load`, never at import time.
+CPU or CUDA; `fp16` (CUDA only) runs the network alone in float16; normalisation, decoding, sigmoid or softmax,
+thresholds and NMS always run in float32 (`torch_gpu.CudaRunner`). TF32 is off unless fp16 is asked for
+(`set_tf32`): fp32 means fp32, as in the other engines.
+On CUDA the engine is GPU-resident (`server.engines.torch_gpu`: fp16 channels-last network replayed from CUDA
+graphs, float32 post-processing on the GPU) and offers the pipeline `gpu_decoder` (`server.gpu_preprocess`: batched
+nvJPEG decode and resize on the GPU). Needs the export extra (torch, torchvision, onnx) installed. torch is imported in `load`, never at import time.
 """
 
 from __future__ import annotations
@@ -57,6 +61,24 @@ def weights_argument(metadata: ModelMetadata, model_path: Path) -> str | None:
     )
 
 
+def set_tf32(torch: Any, enabled: bool) -> None:
+    """TF32 for float32 convolutions and matmuls (cuDNN convolutions default to TF32 on Ampere and later)."""
+    precision = "tf32" if enabled else "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9; mixing with allow_tf32 is an error
+        conv.fp32_precision = precision
+        torch.backends.cuda.matmul.fp32_precision = precision
+    else:
+        torch.backends.cudnn.allow_tf32 = enabled
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
+def run_module(torch: Any, module: Any, batch: Any) -> tuple[Any, Any, Any, Any]:
+    """ExportableSSD on a uint8 batch, eagerly, in float32 (the CPU path; CUDA runs `torch_gpu.CudaRunner`)."""
+    with torch.inference_mode():
+        return module(batch)
+
+
 class TorchEngine:
     """The Engine protocol over ExportableSSD in eager PyTorch (one batch at a time)."""
 
@@ -65,6 +87,8 @@ class TorchEngine:
         self._module: Any = None
         self._device: Any = None
         self._fp16 = False
+        self._runner: Any = None  # server.engines.torch_gpu.CudaRunner on CUDA
+        self.gpu_decoder: Any = None  # server.gpu_preprocess.GpuDecoder on CUDA: the pipeline decodes JPEGs with it
 
     def load(self, path: Path, options: EngineOptions) -> ModelMetadata:
         import torch
@@ -80,6 +104,7 @@ class TorchEngine:
             raise TorchEngineError("fp16 needs a CUDA device")
         if options.intra_op_threads > 0:
             torch.set_num_threads(options.intra_op_threads)
+        set_tf32(torch, options.fp16)
 
         metadata = read_onnx_metadata(path)
         source = REGISTRY.get(metadata.model)
@@ -106,15 +131,22 @@ class TorchEngine:
         )
         self._module = ExportableSSD(model, postprocess).eval().to(device)
         self._torch, self._device, self._fp16 = torch, device, options.fp16
+        if device.type == "cuda":  # the GPU-resident path: server.engines.torch_gpu, server.gpu_preprocess
+            from server.engines.torch_gpu import CudaRunner
+            from server.gpu_preprocess import GpuDecoder
+
+            self._runner = CudaRunner(torch, self._module, device, options.fp16, options.max_batch_size)
+            self.gpu_decoder = GpuDecoder(device, tuple(metadata.input_size), max_batch=options.max_batch_size)
         return metadata
 
     def infer(self, images: np.ndarray) -> EngineOutput:
         if self._module is None:
             raise RuntimeError("infer() before load()")
+        if self._runner is not None:
+            return EngineOutput(*self._runner.run(images))
         torch = self._torch
         batch = torch.from_numpy(images).to(self._device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self._fp16):
-            num_detections, boxes, scores, classes = self._module(batch)
+        num_detections, boxes, scores, classes = run_module(torch, self._module, batch)
         return EngineOutput(
             num_detections=num_detections.to(torch.int32).cpu().numpy(),
             boxes=boxes.float().cpu().numpy(),
@@ -123,4 +155,6 @@ class TorchEngine:
         )
 
     def close(self) -> None:
-        self._module = None
+        if self.gpu_decoder is not None:
+            self.gpu_decoder.close()
+        self._module = self._runner = self.gpu_decoder = None

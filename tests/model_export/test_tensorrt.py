@@ -20,13 +20,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from model_export.errors import ExportError  # noqa: E402
-from model_export.contract.metadata import METADATA_KEY, ModelMetadata, sidecar_path  # noqa: E402
-from model_export.tensorrt import build as build_module  # noqa: E402
-from model_export.tensorrt.__main__ import main, parse_args  # noqa: E402
-from model_export.tensorrt.build import BuildOptions, build_engine, inspect_onnx  # noqa: E402
-from model_export.tensorrt.device import Cuda, CudaError  # noqa: E402
-from model_export.tensorrt.facts import (  # noqa: E402
+from model_export.contract.engine import (  # noqa: E402
     BatchProfile,
     BuildFacts,
     EngineDescription,
@@ -35,6 +29,12 @@ from model_export.tensorrt.facts import (  # noqa: E402
     check_compatible,
     read_engine_description,
 )
+from model_export.contract.errors import ContractError  # noqa: E402
+from model_export.contract.metadata import METADATA_KEY, ModelMetadata, sidecar_path  # noqa: E402
+from model_export.tensorrt import build as build_module  # noqa: E402
+from model_export.tensorrt.__main__ import main, parse_args  # noqa: E402
+from model_export.tensorrt.build import BuildOptions, build_engine, inspect_onnx  # noqa: E402
+from model_export.tensorrt.device import Cuda, CudaError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_REASON = "needs TensorRT and an NVIDIA GPU; TensorRT installs only from NVIDIA's index and this machine has no GPU"
@@ -202,7 +202,7 @@ def test_batch_profile(max_batch: int, opt_batch: int | None, expected: BatchPro
 @pytest.mark.parametrize(("max_batch", "opt_batch", "message"),
                          [(0, None, "--max-batch must be >= 1"), (8, 9, "within [1, 8]"), (8, 0, "within [1, 8]")])
 def test_batch_profile_refuses(max_batch: int, opt_batch: int | None, message: str) -> None:
-    with pytest.raises(ExportError, match=message.replace("[", r"\[")):
+    with pytest.raises(ContractError, match=message.replace("[", r"\[")):
         batch_profile(max_batch, opt_batch)
 
 
@@ -285,7 +285,7 @@ def _without_metadata(path: Path) -> None:
 def test_inspect_onnx_refuses(tmp_path: Path, make: Any, message: str) -> None:
     path = tmp_path / "m.onnx"
     make(path)
-    with pytest.raises(ExportError) as info:
+    with pytest.raises(ContractError) as info:
         inspect_onnx(path)
     assert message in str(info.value) and str(path) in str(info.value)
 
@@ -312,27 +312,27 @@ def test_engine_description_json(tmp_path: Path) -> None:
 
 def test_engine_description_refused(tmp_path: Path) -> None:
     engine = tmp_path / "m.engine"
-    with pytest.raises(ExportError, match=r"m\.engine\.json is missing: .* rebuild the engine"):
+    with pytest.raises(ContractError, match=r"m\.engine\.json is missing: .* rebuild the engine"):
         read_engine_description(engine)
     sidecar_path(engine).write_text(contract_metadata().to_json())  # an ONNX sidecar, not an engine's
-    with pytest.raises(ExportError, match="not a valid engine description: no 'tensorrt' block"):
+    with pytest.raises(ContractError, match="not a valid engine description: no 'tensorrt' block"):
         read_engine_description(engine)
     sidecar_path(engine).write_text("{")
-    with pytest.raises(ExportError, match="not a valid engine description"):
+    with pytest.raises(ContractError, match="not a valid engine description"):
         read_engine_description(engine)
 
 
 def test_check_compatible() -> None:
     engine = Path("w/m.engine")
     check_compatible(FACTS, tensorrt_version="10.9.0.34", gpu=FAKE_GPU, engine_path=engine)
-    with pytest.raises(ExportError) as info:
+    with pytest.raises(ContractError) as info:
         check_compatible(FACTS, tensorrt_version="10.13.0.35", gpu=GpuFacts("NVIDIA L4", "8.9"), engine_path=engine)
     message = str(info.value)
     assert "w/m.engine was built for TensorRT 10.9.0.34 (this host has 10.13.0.35)" in message
     assert "the GPU NVIDIA Fake 80GB (this host has NVIDIA L4)" in message
     assert "compute capability 9.0 (this GPU is 8.9)" in message
     assert "python -m model_export.tensorrt --onnx MODEL.onnx --out w/m.engine" in message
-    with pytest.raises(ExportError, match=r"built for the GPU NVIDIA Fake 80GB \(this host has NVIDIA H100\);"):
+    with pytest.raises(ContractError, match=r"built for the GPU NVIDIA Fake 80GB \(this host has NVIDIA H100\);"):
         check_compatible(FACTS, tensorrt_version="10.9.0.34", gpu=GpuFacts("NVIDIA H100", "9.0"), engine_path=engine)
 
 
@@ -369,7 +369,7 @@ def test_unexpected_errors_are_one_line_too(tmp_path: Path, monkeypatch: pytest.
 
 def test_tensorrt_too_old(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1"))
-    with pytest.raises(ExportError, match=r"TensorRT 8\.6\.1 is too old: 10\.0 or later is needed"):
+    with pytest.raises(ContractError, match=r"TensorRT 8\.6\.1 is too old: 10\.0 or later is needed"):
         build_module.import_tensorrt()
 
 
@@ -455,7 +455,7 @@ def test_cuda_python_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
 def _real_gpu_visible() -> bool:
     try:
         Cuda().gpu(0)
-    except ExportError:
+    except ContractError:
         return False
     return True
 
@@ -540,15 +540,54 @@ class FakeTensorRT:
             def set_shape(self, name: str, low: tuple, opt: tuple, high: tuple) -> None:
                 fake.calls["shapes"].append((name, low, opt, high))
 
+        class Tensor:
+            def __init__(self, dtype: str) -> None:
+                self.dtype = dtype
+
+        class Layer:
+            """What TensorRT's ONNX parser makes of one node: its name, precision, typed outputs."""
+
+            def __init__(self, name: str, inputs: list[str | None], outputs: list[str]) -> None:
+                self.name, self.precision = name, None  # None: not set, TensorRT chooses
+                self._inputs = [None if t is None else Tensor(t) for t in inputs]
+                self._outputs = [Tensor(t) for t in outputs]
+                self.num_inputs, self.num_outputs = len(inputs), len(outputs)
+                self.output_types: dict[int, str] = {}
+
+            def get_input(self, i: int) -> Tensor | None:
+                return self._inputs[i]
+
+            def get_output(self, i: int) -> Tensor:
+                return self._outputs[i]
+
+            def set_output_type(self, i: int, dtype: str) -> None:
+                self.output_types[i] = dtype
+
+        class Network:
+            def __init__(self) -> None:
+                self.layers = [
+                    Layer("/Cast", ["uint8"], ["float32"]),
+                    Layer("/network/backbone/Conv", ["float32", "float32"], ["float32"]),
+                    Layer("/postprocess/Sigmoid", ["float32"], ["float32"]),
+                    Layer("/postprocess/NonMaxSuppression", ["float32", "float32", "int32", None], ["int32"]),
+                    Layer("/postprocess/TopK", ["float32"], ["float32", "int32"]),
+                    Layer("/postprocess/Add_3", ["int32", "int32"], ["int32"]),
+                ]
+                self.num_layers = len(self.layers)
+
+            def get_layer(self, i: int) -> Layer:
+                return self.layers[i]
+
         class Builder:
             def __init__(self, logger: Any) -> None:
                 self.logger = logger
                 if fp16_flag:
                     self.platform_has_fast_fp16 = fast_fp16
 
-            def create_network(self, flags: int) -> object:
+            def create_network(self, flags: int) -> Network:
                 fake.calls["network_flags"] = flags
-                return object()
+                fake.network = Network()
+                return fake.network
 
             def create_builder_config(self) -> Config:
                 return Config()
@@ -563,8 +602,12 @@ class FakeTensorRT:
                 self.logger.log(severity.INFO, "an info line only --verbose shows")
                 return plan
 
-        flags = {"TF32": "TF32"} | ({"FP16": "FP16"} if fp16_flag else {})
+        creation = types.SimpleNamespace(STRONGLY_TYPED=1)
+        flags = {"TF32": "TF32", "OBEY_PRECISION_CONSTRAINTS": "OBEY_PRECISION_CONSTRAINTS"}
+        flags |= {"FP16": "FP16"} if fp16_flag else {}
+        self.network: Any = None
         self.module = types.SimpleNamespace(
+            float32="float32", float16="float16", NetworkDefinitionCreationFlag=creation,
             __version__=version, ILogger=ILogger, Builder=Builder, OnnxParser=OnnxParser,
             BuilderFlag=types.SimpleNamespace(**flags), MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
         )
@@ -606,11 +649,34 @@ def test_build_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     assert "[TensorRT] a warning the user sees" in err and "info line" not in err
 
 
+@pytest.mark.parametrize(("version", "precision", "flags"), [
+    ("10.9.0.34", "fp32", 0), ("10.12.0.36", "fp32", 1 << 1), ("11.0.0.1", "fp32", 1 << 1),
+    ("10.12.0.36", "fp16", 0),
+])
+def test_strong_typing_from_10_12_for_fp32(version: str, precision: str, flags: int, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeTensorRT(version=version)
+    _build(tmp_path, monkeypatch, fake, precision=precision)
+    assert fake.calls["network_flags"] == flags
+    deprecated = "deprecates the FP16 builder flag" in capsys.readouterr().err
+    assert deprecated == (precision == "fp16" and version != "10.9.0.34")
+
+
 def test_build_fp16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeTensorRT(fast_fp16=True)
     description = _build(tmp_path, monkeypatch, fake, precision="fp16", verbose=True)
-    assert fake.calls["flags"] == {"FP16", "TF32"}
+    assert fake.calls["flags"] == {"FP16", "TF32", "OBEY_PRECISION_CONSTRAINTS"}
     assert description.build.precision == "fp16"
+    # The detection tail runs in float32; the network (and the input cast) may take fp16; index maths is left alone.
+    pinned = {layer.name: (layer.precision, layer.output_types) for layer in fake.network.layers}
+    assert pinned == {
+        "/Cast": (None, {}),
+        "/network/backbone/Conv": (None, {}),
+        "/postprocess/Sigmoid": ("float32", {0: "float32"}),
+        "/postprocess/NonMaxSuppression": ("float32", {}),
+        "/postprocess/TopK": ("float32", {0: "float32"}),
+        "/postprocess/Add_3": (None, {}),
+    }
     assert json.loads(sidecar_path(tmp_path / "out" / "m.engine").read_text())["tensorrt"]["precision"] == "fp16"
 
 
@@ -624,7 +690,7 @@ def test_build_fp16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_build_fp16_refused(fake: FakeTensorRT, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ExportError) as info:
+    with pytest.raises(ContractError) as info:
         _build(tmp_path, monkeypatch, fake, precision="fp16")
     assert message in str(info.value)
     assert "FP16" not in fake.calls["flags"] and not (tmp_path / "out" / "m.engine").exists()
@@ -635,7 +701,7 @@ def test_build_parser_errors_one_per_line(tmp_path: Path, monkeypatch: pytest.Mo
         (12, "/postprocess/Frob", "Frobnicate", "No importer registered for op: Frobnicate"),
         (-1, "", "", "graph: unsupported IR version"),
     ))
-    with pytest.raises(ExportError) as info:
+    with pytest.raises(ContractError) as info:
         _build(tmp_path, monkeypatch, fake)
     assert str(info.value).splitlines() == [
         f"TensorRT could not parse {tmp_path / 'm.onnx'}:",
@@ -649,7 +715,7 @@ def test_build_failure_keeps_the_old_engine(tmp_path: Path, monkeypatch: pytest.
     out.mkdir()
     (out / "m.engine").write_bytes(b"old engine")
     fake = FakeTensorRT(plan=None, build_errors=("out of memory", "tactic failed"))
-    with pytest.raises(ExportError) as info:
+    with pytest.raises(ContractError) as info:
         _build(tmp_path, monkeypatch, fake)
     assert str(info.value).splitlines() == [
         f"TensorRT could not build an engine from {tmp_path / 'm.onnx'}:", "  out of memory", "  tactic failed",
@@ -680,7 +746,7 @@ def tensorrt() -> Any:
     trt = pytest.importorskip("tensorrt", reason=GPU_REASON)
     try:
         Cuda().gpu(0)
-    except ExportError as exc:
+    except ContractError as exc:
         pytest.skip(f"{GPU_REASON} ({exc})")
     return trt
 
@@ -733,3 +799,54 @@ def test_real_parser_errors(tensorrt: Any, tmp_path: Path, capsys: pytest.Captur
     assert all(line.startswith("  ") for line in lines[start + 1:])
     assert not (tmp_path / "m.engine").exists()
 
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_real_fp16_engine_detects_what_fp32_does(tensorrt: Any, tmp_path: Path) -> None:
+    """The shared model exported as float and built both ways: fp32 within the validation tolerances of ONNX Runtime
+    CPU (tie order aside: TensorRT's is unspecified, see model_export.validate), fp16 (network in fp16, post-processing
+    pinned to fp32) finding every fp32 detection above 0.35 with its score within 0.02 and box within 0.005."""
+    from model_export.models import REGISTRY
+    from model_export.onnx_export import export_onnx
+    from model_export.spec import Detections, PostprocessOptions
+    from model_export.validate import _Tally, compare_detections, load_validation_images
+    from server.engines.base import EngineOptions, EngineOutput
+    from server.engines.tensorrt import TensorRTEngine
+
+    tflite = REPO.parent / "shared" / "models" / "coco_ssd_mobilenet_v1" / "detect.tflite"
+    if not tflite.is_file():
+        pytest.skip(f"shared model missing: {tflite}")
+    model = REGISTRY["ssd_mobilenet_v1_coco"].build(str(tflite), None, "float")
+    onnx_path = tmp_path / "m.onnx"
+    options = PostprocessOptions()
+    export_onnx(model, options, onnx_path)
+    images = load_validation_images(model.input_size).numpy()
+    reference = EngineOutput(**run_onnxruntime(onnx_path, images))
+    outputs = {}
+    for precision in ("fp32", "fp16"):
+        engine_path = tmp_path / f"m.{precision}.engine"
+        assert main(["--onnx", str(onnx_path), "--out", str(engine_path), "--precision", precision,
+                     "--max-batch", "8"]) == 0
+        engine = TensorRTEngine()
+        engine.load(engine_path, EngineOptions(device="cuda", max_batch_size=8))
+        outputs[precision] = engine.infer(images)
+        engine.close()
+
+    def detections(out: EngineOutput, i: int) -> Detections:
+        import torch
+
+        n = int(out.num_detections[i])
+        return Detections(torch.from_numpy(out.boxes[i, :n].copy()), torch.from_numpy(out.scores[i, :n].copy()),
+                          torch.from_numpy(out.classes[i, :n].astype(np.int64)))
+
+    for i in range(len(images)):
+        compare_detections(detections(outputs["fp32"], i), detections(reference, i), options, model.labels,
+                           f"fp32 image {i}", _Tally())
+        fp32, fp16 = detections(outputs["fp32"], i), detections(outputs["fp16"], i)
+        for box, score, cls in zip(fp32.boxes, fp32.scores, fp32.classes, strict=True):
+            if float(score) < 0.35:
+                continue
+            fits = (fp16.classes == cls) & ((fp16.scores - score).abs() < 0.02)
+            fits &= (fp16.boxes - box).abs().amax(dim=1) < 0.005
+            assert bool(fits.any()), (i, int(cls), float(score), box.tolist())

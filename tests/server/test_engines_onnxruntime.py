@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,13 @@ import pytest
 from model_export.contract.metadata import METADATA_KEY, ModelMetadata
 from server.engines import ENGINES, MODEL_SUFFIXES, create_engine
 from server.engines.base import EngineOptions
-from server.engines.onnxruntime import EngineLoadError, OnnxRuntimeEngine
+from server.engines.cuda import loadable, visible_gpu_count
+from server.engines.onnxruntime import (
+    EngineLoadError,
+    OnnxRuntimeEngine,
+    cuda_provider_options,
+    missing_cuda_libraries,
+)
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper
@@ -126,12 +133,51 @@ def test_cuda_without_the_provider_is_an_error_not_a_cpu_fallback(tmp_path: Path
         OnnxRuntimeEngine().load(contract_model(tmp_path / "m.onnx"), EngineOptions(device="cuda"))
 
 
+def test_cuda_provider_options_turn_tf32_off_and_search_heuristically() -> None:
+    assert cuda_provider_options(1, fp16=False) == {
+        "device_id": "1", "use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+    assert cuda_provider_options(0, fp16=True)["use_tf32"] == "1"
+
+
+def test_a_missing_cuda_library_is_named() -> None:
+    assert missing_cuda_libraries(99) == [
+        "libcudart.so.99", "libcublas.so.99", "libcublasLt.so.99", "libcufft.so.98"
+    ] + ([] if loadable("libcudnn.so.9") else ["libcudnn.so.9"])
+
+
+def _pretend_cuda_is_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-gpu lists CUDAExecutionProvider on any host, GPU or not; do the same on this CPU-only build."""
+    import onnxruntime
+
+    listed = [*onnxruntime.get_available_providers(), "CUDAExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: listed)
+
+
+def test_cuda_listed_but_no_gpu_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if visible_gpu_count():
+        pytest.skip("this host has a GPU")
+    _pretend_cuda_is_listed(monkeypatch)
+    with pytest.raises(EngineLoadError, match="did not enable CUDAExecutionProvider .*: no NVIDIA GPU"):
+        OnnxRuntimeEngine().load(contract_model(tmp_path / "m.onnx"), EngineOptions(device="cuda"))
+
+
+def test_integer_exports_are_refused_on_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _pretend_cuda_is_listed(monkeypatch)
+    integer = replace(METADATA, extra={"numerics": "integer"})
+    with pytest.raises(EngineLoadError, match=r"integer \(QDQ\) export: .* --device cpu, or re-export with "
+                                              r"--numerics float"):
+        OnnxRuntimeEngine().load(contract_model(tmp_path / "m.onnx", metadata=integer), EngineOptions(device="cuda"))
+    OnnxRuntimeEngine().load(contract_model(tmp_path / "m.onnx", metadata=integer), EngineOptions())  # CPU: fine
+
+
 @pytest.mark.gpu
 def test_cuda_with_io_binding_matches_the_cpu(tmp_path: Path) -> None:
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("needs onnxruntime-gpu with CUDAExecutionProvider and an NVIDIA GPU")
+    if not visible_gpu_count():  # onnxruntime-gpu lists CUDA on GPU-less hosts too
+        pytest.skip("onnxruntime-gpu is installed but the CUDA driver shows no GPU")
     path = contract_model(tmp_path / "m.onnx")
     images = np.random.default_rng(0).integers(0, 256, (4, *SIZE, 3), dtype=np.uint8)
     cpu, gpu = OnnxRuntimeEngine(), OnnxRuntimeEngine()
@@ -147,3 +193,16 @@ def test_the_registry_names_every_engine() -> None:
     assert isinstance(create_engine("onnxruntime"), OnnxRuntimeEngine)
     with pytest.raises(ValueError, match="known engines"):
         create_engine("tflite")
+
+
+def test_the_cuda_major_comes_from_the_provider_library(tmp_path: Path) -> None:
+    import types
+
+    from server.engines.onnxruntime import provider_cuda_major
+
+    package = tmp_path / "onnxruntime"
+    (package / "capi").mkdir(parents=True)
+    fake = types.SimpleNamespace(__file__=str(package / "__init__.py"))
+    assert provider_cuda_major(fake) is None  # a CPU-only build has no CUDA provider library
+    (package / "capi" / "libonnxruntime_providers_cuda.so").write_bytes(b"\x7fELF...\0libcublas.so.13\0libcudart.so.13\0")
+    assert provider_cuda_major(fake) == 13

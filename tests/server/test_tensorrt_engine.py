@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from model_export.errors import ExportError
+from model_export.contract.engine import BatchProfile, BuildFacts, EngineDescription, GpuFacts
+from model_export.contract.errors import ContractError
 from model_export.contract.metadata import ModelMetadata, sidecar_path
 from model_export.tensorrt.build import inspect_onnx
-from model_export.tensorrt.device import Cuda, CudaError
-from model_export.tensorrt.facts import BatchProfile, BuildFacts, EngineDescription, GpuFacts
 from server.engines.base import Engine, EngineOptions, EngineOutput
+from server.engines.cuda import Cuda, CudaError
 from server.engines.tensorrt import TensorRTEngine, TensorRTEngineError, check_batch, cuda_device_index
 
 GPU_REASON = "needs TensorRT and an NVIDIA GPU; TensorRT installs only from NVIDIA's index and this machine has no GPU"
@@ -304,7 +304,7 @@ def test_a_second_load_replaces_the_first(tmp_path: Path) -> None:
 
 def test_load_refuses_an_engine_without_its_json(tmp_path: Path) -> None:
     (tmp_path / "m.engine").write_bytes(PLAN)
-    with pytest.raises(ExportError, match=r"m\.engine\.json is missing"):
+    with pytest.raises(ContractError, match=r"m\.engine\.json is missing"):
         TensorRTEngine(cuda=HostCuda(), tensorrt=FakeTensorRT().module).load(  # type: ignore[arg-type]
             tmp_path / "m.engine", EngineOptions(device="cuda"))
 
@@ -342,7 +342,7 @@ def test_close_releases_everything_even_after_a_cuda_error(tmp_path: Path) -> No
 
 def test_load_without_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(ExportError, match=r"TensorRT is not installed: pip install 'ssd-serve\[gpu\]'"):
+    with pytest.raises(ContractError, match=r"TensorRT is not installed: pip install 'ssd-serve\[gpu\]'"):
         TensorRTEngine().load(write_engine(tmp_path), EngineOptions(device="cuda", max_batch_size=4))
 
 
@@ -356,7 +356,7 @@ def test_load_without_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 )
 def test_load_refuses_another_build(tmp_path: Path, engine_kwargs: dict[str, Any], message: str) -> None:
     cuda = HostCuda()
-    with pytest.raises(ExportError) as info:
+    with pytest.raises(ContractError) as info:
         load(tmp_path, cuda=cuda, **engine_kwargs)
     assert message in str(info.value) and "rebuild it on this host" in str(info.value)
     assert cuda.live() == 0
@@ -405,7 +405,7 @@ def real_engine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     pytest.importorskip("tensorrt", reason=GPU_REASON)
     try:
         Cuda().gpu(0)
-    except ExportError as exc:
+    except ContractError as exc:
         pytest.skip(f"{GPU_REASON} ({exc})")
     from model_export.tensorrt.__main__ import main
 
@@ -461,7 +461,7 @@ def test_real_engine_refused_for_another_gpu(real_engine: tuple[Path, Path], tmp
     data = json.loads(sidecar_path(engine_path).read_text())
     data["tensorrt"]["gpu_name"] = "NVIDIA Some Other GPU"
     sidecar_path(copy).write_text(json.dumps(data))
-    with pytest.raises(ExportError, match="was built for the GPU NVIDIA Some Other GPU"):
+    with pytest.raises(ContractError, match="was built for the GPU NVIDIA Some Other GPU"):
         TensorRTEngine().load(copy, EngineOptions(device="cuda", max_batch_size=4))
 
 
@@ -514,7 +514,7 @@ def test_real_engine_from_the_exporter_matches_onnxruntime(exported_ssd: Path, t
     pytest.importorskip("tensorrt", reason=GPU_REASON)
     try:
         Cuda().gpu(0)
-    except ExportError as exc:
+    except ContractError as exc:
         pytest.skip(f"{GPU_REASON} ({exc})")
     from model_export.tensorrt.__main__ import main
 

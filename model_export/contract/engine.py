@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from model_export.errors import ExportError
+from model_export.contract.errors import ContractError
 from model_export.contract.metadata import OUTPUT_NAMES, ModelMetadata, sidecar_path
 
 Precision = Literal["fp32", "fp16"]
@@ -39,10 +39,10 @@ class BatchProfile:
 def batch_profile(max_batch: int = DEFAULT_MAX_BATCH, opt_batch: int | None = None) -> BatchProfile:
     """min 1; opt as given, else half of max (the server's default max batch is half the engine's)."""
     if max_batch < 1:
-        raise ExportError(f"--max-batch must be >= 1, got {max_batch}")
+        raise ContractError(f"--max-batch must be >= 1, got {max_batch}")
     opt = max(1, max_batch // 2) if opt_batch is None else opt_batch
     if not 1 <= opt <= max_batch:
-        raise ExportError(f"--opt-batch must be within [1, {max_batch}] (the max batch), got {opt}")
+        raise ContractError(f"--opt-batch must be within [1, {max_batch}] (the max batch), got {opt}")
     return BatchProfile(min=1, opt=opt, max=max_batch)
 
 
@@ -89,16 +89,16 @@ def read_engine_description(engine_path: Path) -> EngineDescription:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ExportError(
+        raise ContractError(
             f"{path} is missing: a TensorRT engine is usable only with the JSON that "
             f"`python -m model_export.tensorrt` writes beside it; rebuild the engine"
         ) from None
     except OSError as exc:
-        raise ExportError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise ContractError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
         return EngineDescription.from_json(text)
     except (ValueError, KeyError, TypeError) as exc:
-        raise ExportError(f"{path} is not a valid engine description: {exc}") from exc
+        raise ContractError(f"{path} is not a valid engine description: {exc}") from exc
 
 
 def check_compatible(build: BuildFacts, *, tensorrt_version: str, gpu: GpuFacts, engine_path: Path) -> None:
@@ -113,7 +113,7 @@ def check_compatible(build: BuildFacts, *, tensorrt_version: str, gpu: GpuFacts,
             f"compute capability {build.compute_capability} (this GPU is {gpu.compute_capability})"
         )
     if reasons:
-        raise ExportError(
+        raise ContractError(
             f"{engine_path} was built for " + " and ".join(reasons) + "; TensorRT engines run only on the GPU "
             "model and TensorRT version they were built with: rebuild it on this host with "
             f"`python -m model_export.tensorrt --onnx MODEL.onnx --out {engine_path}`"
