@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import types
 import typing
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     import uvicorn
 
+    from server import connections
     from server.app import create_app
 
     failure: list[str] = []
@@ -80,9 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,  # our basicConfig above formats uvicorn's records too
         log_level=settings.log_level,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=10,
+        # After the drain: no request outlives its deadline, so in-flight ones are done within it (+1 s).
+        timeout_graceful_shutdown=math.ceil(settings.request_timeout_ms / 1000) + 1,
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
+        limit_concurrency=settings.max_connections,
+        http=connections.protocol_class(settings.client_timeout_s, settings.max_header_bytes),
     )
-    server = uvicorn.Server(config)
+
+    def drain() -> None:
+        app.state.pipeline.admission.draining = True
+
+    server = connections.DrainingServer(config, drain_s=settings.drain_seconds, on_drain=drain)
     server.run()
     if failure:
         logging.getLogger("server").error("exiting: the model could not be loaded: %s", failure[0])

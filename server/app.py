@@ -14,12 +14,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import uploads
+from server import connections, uploads
 from server.engines.base import Engine
 from server.errors import ServerError, install_error_handlers
 from server.metrics import Metrics
@@ -65,13 +65,27 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "body or image too large",
         415: "unsupported content type",
         422: "missing field or bad query parameter",
-        503: "queue full (Retry-After) or model not ready",
-        504: "waited too long in the queue",
+        503: "overloaded or queue full (Retry-After), model not ready, or shutting down",
+        504: "the request's deadline passed (request_timeout_ms, or the client's X-Request-Timeout-Ms / timeout_ms)",
     }.items()
 }
 
 ScoreThreshold = Query(None, ge=0.0, le=1.0, description="keep detections scoring at least this (default: the model's)")
 MaxDetections = Query(None, ge=1, description="at most this many detections, highest first (default: the model's K)")
+TimeoutQuery = Query(None, gt=0, description="a shorter deadline for this request, ms from arrival (504 past it)")
+TimeoutHeader = Header(None, gt=0, description="a shorter deadline for this request, ms from arrival (504 past it)")
+
+
+def requested_timeout_ms(
+    timeout_ms: float | None = TimeoutQuery, x_request_timeout_ms: float | None = TimeoutHeader
+) -> float | None:
+    """The client's own deadline: the `timeout_ms` query parameter or the X-Request-Timeout-Ms header (the
+    shorter if both); never longer than the server's request_timeout_ms."""
+    asked = [value for value in (timeout_ms, x_request_timeout_ms) if value is not None]
+    return min(asked) if asked else None
+
+
+RequestedTimeout = Depends(requested_timeout_ms)
 
 
 def _dumps_stdlib(content: Any) -> bytes:
@@ -125,30 +139,39 @@ def create_app(
     app.state.settings, app.state.metrics, app.state.pipeline = settings, metrics, pipeline
     install_error_handlers(app, on_reject=metrics.reject)
     app.add_middleware(uploads.BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.reject)
+    app.add_middleware(connections.RequestGuard)  # client gone: work cancelled, 499; shutdown cancel: JSON 503
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every response, 413s included
+    model_limits_in_openapi(app, pipeline)
 
     @app.post("/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=DETECT_BODY)
     async def detect(
-        request: Request, score_threshold: float | None = ScoreThreshold, max_detections: int | None = MaxDetections
+        request: Request,
+        score_threshold: float | None = ScoreThreshold,
+        max_detections: int | None = MaxDetections,
+        timeout_ms: float | None = RequestedTimeout,
     ) -> Response:
         """Detect objects in one image: multipart field `image`, or the raw body with an image content type."""
-        received_at = time.perf_counter()
         options = pipeline.options(score_threshold, max_detections)
-        upload = await uploads.single_image(request)
-        return json_response(await pipeline.detect(upload, options, received_at))
+        with pipeline.admission.admit(timeout_ms) as ticket:  # 503 here, before the body is read
+            upload = await uploads.single_image(request)
+            return json_response(await pipeline.detect(upload, options, ticket=ticket))
 
     @app.post("/detect/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY)
     async def detect_batch(
-        request: Request, score_threshold: float | None = ScoreThreshold, max_detections: int | None = MaxDetections
+        request: Request,
+        score_threshold: float | None = ScoreThreshold,
+        max_detections: int | None = MaxDetections,
+        timeout_ms: float | None = RequestedTimeout,
     ) -> Response:
         """Several images (multipart parts `images`), one result per image in order; a bad image gets its own
         error entry `{error, detail, status}` and the others are answered normally."""
-        received_at = time.perf_counter()
         options = pipeline.options(score_threshold, max_detections)
-        parts = await uploads.batch_images(request, settings.max_images_per_request)
-        outcomes = await asyncio.gather(
-            *(pipeline.detect(part, options, received_at) for part in parts), return_exceptions=True
-        )
+        with pipeline.admission.admit(timeout_ms) as ticket:
+            parts = await uploads.batch_images(request, settings.max_images_per_request)
+            ticket.reserve(len(parts))
+            outcomes = await asyncio.gather(
+                *(pipeline.detect(part, options, ticket=ticket) for part in parts), return_exceptions=True
+            )
         results = [batch_entry(outcome, metrics) for outcome in outcomes]
         return json_response({"model": pipeline.ready()[0].model, "results": results})
 
@@ -177,10 +200,11 @@ def create_app(
 
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def readyz() -> JSONResponse:
-        """Readiness: 200 once the model is loaded and warmed up; 503 while loading or after a failure."""
-        ready = pipeline.status == "ready"
+        """Readiness: 200 once the model is loaded and warmed up; 503 while loading, after a failure, or draining."""
+        draining = pipeline.admission.draining
+        ready = pipeline.status == "ready" and not draining
         return JSONResponse(
-            {"status": pipeline.status, "detail": pipeline.error},
+            {"status": "draining" if draining else pipeline.status, "detail": pipeline.error},
             status_code=200 if ready else 503,
             headers=None if ready else {"Retry-After": "1"},
         )
@@ -190,6 +214,30 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def model_limits_in_openapi(app: FastAPI, pipeline: Pipeline) -> None:
+    """/openapi.json states the loaded model's bounds (score_threshold >= its threshold, max_detections <= its K),
+    which the server enforces; until the model is loaded it gives the static ones and is not cached."""
+    generate = app.openapi
+    limits = {"score_threshold": "minimum", "max_detections": "maximum"}
+
+    def openapi() -> dict[str, Any]:
+        metadata = pipeline.metadata
+        if metadata is None or pipeline.status != "ready":
+            app.openapi_schema = None  # not cached: the bounds come with the model
+            return generate()
+        schema = generate()  # FastAPI's cached schema, bounds written into it (idempotent)
+        bound = {"score_threshold": metadata.score_threshold, "max_detections": metadata.max_detections}
+        for operation in (op for item in schema.get("paths", {}).values() for op in item.values()):
+            for parameter in operation.get("parameters", []) if isinstance(operation, dict) else []:
+                if parameter.get("name") in limits:
+                    for sub in [parameter["schema"], *parameter["schema"].get("anyOf", [])]:
+                        if sub.get("type") in ("number", "integer"):
+                            sub[limits[parameter["name"]]] = bound[parameter["name"]]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def batch_entry(outcome: dict[str, Any] | BaseException, metrics: Metrics) -> dict[str, Any]:

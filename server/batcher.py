@@ -5,8 +5,8 @@ or earlier when the queue is empty and no other request is on its way (being dec
 While the engine thread runs a batch the event loop is free, so the next requests decode and queue meanwhile.
 
 Per-item isolation (Triton's execute contract): every pending record has its own future. A full queue refuses
-at `submit` (QueueFull); an image that waited past `request_timeout_s` is answered RequestTimeout when dequeued
-and never reaches the engine; only an engine failure reaches a whole batch (EngineError), and the next batch
+at `submit` (QueueFull); an image past its request's deadline (or that waited past `request_timeout_s`) is answered
+RequestTimeout when dequeued and never reaches the engine; a cancelled one (client gone) is skipped; only an engine failure reaches a whole batch (EngineError), and the next batch
 runs normally. A batch that comes back with a different number of results than it had fails loudly.
 """
 
@@ -51,6 +51,7 @@ class Pending:
     image: np.ndarray  # uint8 [H, W, 3] at the model's input size
     future: asyncio.Future[ImageResult]
     enqueued_at: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None  # perf_counter seconds; None: enqueued_at + request_timeout_s
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,12 @@ class DynamicBatcher:
         finally:
             self._incoming -= 1
 
-    def submit(self, image: np.ndarray) -> asyncio.Future[ImageResult]:
-        """Queue one image; its future completes with its result or a ServerError. QueueFull when full."""
+    def submit(self, image: np.ndarray, deadline: float | None = None) -> asyncio.Future[ImageResult]:
+        """Queue one image; its future completes with its result or a ServerError. QueueFull when full.
+        `deadline` (perf_counter seconds, the request's end-to-end one): past it, the image never joins a batch."""
         if self._task is None:
             raise NotReady("the batcher is not running")
-        pending = Pending(image=image, future=asyncio.get_running_loop().create_future())
+        pending = Pending(image=image, future=asyncio.get_running_loop().create_future(), deadline=deadline)
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
@@ -176,7 +178,13 @@ class DynamicBatcher:
         """Add to the batch unless its client is gone or it waited too long (then answered here, not inferred)."""
         if pending.future.done():  # cancelled: the client went away
             return
-        waited = time.perf_counter() - pending.enqueued_at
+        now = time.perf_counter()
+        waited = now - pending.enqueued_at
+        if pending.deadline is not None and now > pending.deadline:
+            pending.future.set_exception(
+                RequestTimeout(f"the request's deadline passed after {waited * 1000:.0f} ms in the queue")
+            )
+            return
         if waited > self.config.request_timeout_s:
             pending.future.set_exception(
                 RequestTimeout(

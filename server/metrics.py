@@ -84,6 +84,9 @@ class Metrics:
         )
         self.images_per_second.set_function(self.throughput.rate)
         self.requests_in_flight = Gauge("ssd_requests_in_flight", "Detection requests being handled", registry=registry)
+        self.images_in_flight = Gauge(
+            "ssd_images_in_flight", "Images admitted and not yet answered (server.admission)", registry=registry
+        )
         self.queue_depth = Gauge("ssd_queue_depth", "Images waiting in the batcher's queue", registry=registry)
         self.rejected = Counter(
             "ssd_rejected_requests", "Requests (or batch items) refused, by reason", ["reason"], registry=registry
@@ -91,7 +94,16 @@ class Metrics:
         self.model_info = Gauge(
             "ssd_model_info", "The model being served (value 1)", ["model", "engine", "input_size"], registry=registry
         )
-        for reason in ("queue_full", "timeout", "invalid_image", "unsupported_media_type", "payload_too_large"):
+        for reason in (
+            "queue_full",
+            "timeout",
+            "invalid_image",
+            "unsupported_media_type",
+            "payload_too_large",
+            "overloaded",
+            "client_disconnect",
+            "client_timeout",
+        ):
             self.rejected.labels(reason=reason)  # present at 0 from the start
 
     def set_model(self, model: str, engine: str, input_size: tuple[int, int]) -> None:

@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from model_export.metadata import ModelMetadata
+from server.admission import Admission, Ticket
 from server.batcher import BatcherConfig, DynamicBatcher, check_batch_output
 from server.engines import MODEL_SUFFIXES, create_engine
 from server.engines.base import Engine, EngineOptions
-from server.errors import InvalidParameter, NotReady
+from server.errors import InvalidParameter, NotReady, RequestTimeout
 from server.metrics import Metrics
 from server.model_store import ensure_model
 from server.postprocess import detections_json, select_detections
@@ -65,6 +66,9 @@ class Pipeline:
         self._decode_pool = ThreadPoolExecutor(
             max_workers=settings.effective_decode_workers, thread_name_prefix="decode"
         )
+        # Every front end admits its requests here, before reading them (server.admission).
+        self.admission = Admission(settings.effective_max_in_flight, settings.request_timeout_ms / 1000.0)
+        metrics.images_in_flight.set_function(lambda: self.admission.in_flight)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -169,12 +173,14 @@ class Pipeline:
             )
         return DetectOptions(score_threshold=score_threshold, max_detections=max_detections)
 
-    async def decode(self, upload: Upload) -> PreparedImage:
+    async def decode(self, upload: Upload, deadline: float | None = None) -> PreparedImage:
+        """Decode in the thread pool; a job that starts after `deadline` (perf_counter s) is dropped unrun."""
         metadata, _ = self.ready()
         check_content_type(upload.content_type)
         loop = asyncio.get_running_loop()
         job = functools.partial(
-            preprocess,
+            _preprocess_before,
+            deadline,
             upload.data,
             metadata.input_size,
             max_pixels=self.settings.max_image_pixels,
@@ -184,13 +190,24 @@ class Pipeline:
         self.metrics.decode_duration.observe(prepared.decode_s)
         return prepared
 
-    async def detect(self, upload: Upload, options: DetectOptions, received_at: float) -> dict[str, Any]:
-        """One image: decode -> batch -> detections; the response body as a dict (schemas.DetectResponse)."""
+    async def detect(
+        self, upload: Upload, options: DetectOptions, received_at: float | None = None, *, ticket: Ticket | None = None
+    ) -> dict[str, Any]:
+        """One image: decode -> batch -> detections; the response body as a dict (schemas.DetectResponse).
+
+        `ticket` (from `self.admission.admit()`) carries the end-to-end deadline; without one the deadline is
+        request_timeout_ms from `received_at` (not admitted: the caller bypasses the in-flight bound)."""
         metadata, batcher = self.ready()
+        if ticket is None:
+            ticket = Ticket(self.admission, self.admission.timeout_s)
+            if received_at is not None:
+                ticket.arrived_at, ticket.deadline = received_at, received_at + ticket.timeout_s
         with batcher.incoming():
-            prepared = await self.decode(upload)
-            future = batcher.submit(prepared.pixels)
-        result = await future
+            prepared = await ticket.wait(self.decode(upload, ticket.deadline), "decode")
+            ticket.check("joining a batch")
+            future = batcher.submit(prepared.pixels, deadline=ticket.deadline)
+        result = await ticket.wait(future, "inference")
+        ticket.check("encoding the result")
         detections = select_detections(
             result.num_detections,
             result.boxes,
@@ -210,6 +227,13 @@ class Pipeline:
                 "decode": round(prepared.decode_s * 1000, 3),
                 "queue": round(result.queue_s * 1000, 3),
                 "inference": round(result.inference_s * 1000, 3),
-                "total": round((time.perf_counter() - received_at) * 1000, 3),
+                "total": round((time.perf_counter() - ticket.arrived_at) * 1000, 3),
             },
         }
+
+
+def _preprocess_before(deadline: float | None, *args: Any, **kwargs: Any) -> PreparedImage:
+    """`preprocess`, unless the request's deadline passed while the job waited for a decode thread."""
+    if deadline is not None and time.perf_counter() > deadline:
+        raise RequestTimeout("the request's deadline passed while it waited for a decode thread")
+    return preprocess(*args, **kwargs)

@@ -41,7 +41,32 @@ class Settings(BaseSettings):
     )
     max_queue_size: int = Field(256, ge=1, description="images waiting for the engine; beyond it: 503")
     request_timeout_ms: float = Field(
-        10_000, gt=0, description="an image that waited longer than this is answered 504, never inferred"
+        10_000,
+        gt=0,
+        description="end-to-end deadline from arrival, every stage included: past it the request is answered 504 "
+        "and its work dropped (a client may ask for less: X-Request-Timeout-Ms header or timeout_ms query)",
+    )
+    max_in_flight: int = Field(
+        0,
+        ge=0,
+        description="images admitted at once, from arrival to response; beyond it: 503 + Retry-After before the "
+        "body is read (0: max_queue_size + max_batch_size + decode workers, what the stages behind can hold)",
+    )
+    drain_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="on SIGTERM/SIGINT: /readyz answers 503 at once and requests are still served this long, then "
+        "the listener closes and in-flight requests finish (0: stop accepting at once)",
+    )
+    client_timeout_s: float = Field(
+        30.0, gt=0, description="time a client has to send a whole request, headers and body (408, then closed)"
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle connection is closed after this long")
+    max_connections: int = Field(
+        1000, ge=1, description="open connections at most; requests beyond it get 503 (uvicorn's limit_concurrency)"
+    )
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="largest request line + headers (431 beyond)"
     )
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body (413 beyond)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height (413 beyond)")
@@ -110,6 +135,10 @@ class Settings(BaseSettings):
     @property
     def effective_decode_workers(self) -> int:
         return self.decode_workers or min(8, os.cpu_count() or 1)
+
+    @property
+    def effective_max_in_flight(self) -> int:
+        return self.max_in_flight or self.max_queue_size + self.max_batch_size + self.effective_decode_workers
 
     @property
     def is_default_model(self) -> bool:
