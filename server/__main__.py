@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import types
 import typing
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    # Before anything imports onnxruntime (a first-start export validates with it): no telemetry database.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import uvicorn
 
     from server import connections

@@ -7,6 +7,7 @@ infer   CPU: session.run; CUDA: the batch is copied to the device once (OrtValue
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,12 @@ class OnnxRuntimeEngine:
         self._cuda_device: int | None = None
 
     def load(self, path: Path, options: EngineOptions) -> ModelMetadata:
+        # ONNX Runtime's telemetry writes ~/.cache/Microsoft/DeveloperTools/.onnxruntime/onnxruntime.db when its
+        # environment is created (on import); the variable stops that, the API call any later events.
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import onnxruntime as ort
+
+        ort.disable_telemetry_events()
 
         if not path.is_file():
             raise EngineLoadError(f"model file not found: {path}")
