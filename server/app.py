@@ -139,7 +139,7 @@ def create_app(
     app.state.settings, app.state.metrics, app.state.pipeline = settings, metrics, pipeline
     install_error_handlers(app, on_reject=metrics.reject)
     app.add_middleware(uploads.BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.reject)
-    app.add_middleware(connections.RequestGuard)  # client gone: work cancelled, 499; shutdown cancel: JSON 503
+    app.add_middleware(connections.RequestGuard, on_reject=metrics.reject)  # client gone: work cancelled, 499; shutdown cancel: JSON 503
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every response, 413s included
     model_limits_in_openapi(app, pipeline)
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import signal
@@ -62,8 +63,9 @@ async def _send_json(send: Send, status: int, code: str, detail: str, close: boo
 class RequestGuard:
     """Cancel a request whose client left after sending it (499); JSON 503 for a shutdown's cancellation."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, on_reject: Callable[[str], None] | None = None) -> None:
         self.app = app
+        self.on_reject = on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,6 +104,8 @@ class RequestGuard:
             await task
         except asyncio.CancelledError:
             if client_gone:
+                if self.on_reject is not None:
+                    self.on_reject("client_disconnect")
                 logger.info("%s %s: the client disconnected before the response (499)", scope["method"], scope["path"])
                 # Never reaches the client (uvicorn drops it); labels the request in the metrics.
                 await send({"type": "http.response.start", "status": CLIENT_CLOSED, "headers": []})
@@ -160,6 +164,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_headers = False
         self._header_bytes = 0
         self._headers_seen += 1
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        self._oversized = size > self.max_header_bytes  # arrived in one piece: answered by _start_asgi_task
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -170,7 +176,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(400, "bad_request", msg)
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        super()._start_asgi_task(cycle, _over_connection_limit if app is service_unavailable else app)
+        if getattr(self, "_oversized", False):
+            self._oversized = False
+            logger.info("refusing a request: headers over %d bytes", self.max_header_bytes)
+            app = functools.partial(_headers_too_large, self.max_header_bytes)
+        elif app is service_unavailable:
+            app = _over_connection_limit
+        super()._start_asgi_task(cycle, app)
 
     def _cancel_request_timer(self) -> None:
         if getattr(self, "_request_timer", None) is not None:
@@ -199,6 +211,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, code: str, detail: str) -> None:
         self.transport.write(json_error_bytes(status, code, detail))
         self.transport.close()
+
+
+async def _headers_too_large(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+    detail = f"the request line and headers exceed {limit} bytes"
+    await _send_json(send, 431, "headers_too_large", detail, close=True)
 
 
 async def _over_connection_limit(scope: Scope, receive: Receive, send: Send) -> None:
