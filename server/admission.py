@@ -4,6 +4,10 @@
         upload = ...read the request...                         # nothing decoded before admission
         result = await pipeline.detect(upload, options, ticket=ticket)
 
+HTTP admits in `AdmissionMiddleware`, the first thing after the metrics, before routing and before the body is
+read (a refusal costs a few tens of microseconds of the event loop, so a flood of them cannot starve it); the
+route takes the ticket with `admitted(request.scope)` and shortens its deadline to the client's (`shorten`).
+
 `admit` is called when a request arrives, before its body is read or decoded. It refuses at once when
 `limit` images are already in flight (read, queued for decode, decoding, queued for the engine, in the
 engine), so a flood is shed in microseconds instead of after a decode. The ticket carries the request's
@@ -20,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
-from server.errors import Overloaded, RequestTimeout
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.errors import Overloaded, RequestTimeout, error_response
 
 T = TypeVar("T")
 RETRY_AFTER_S = 1
@@ -38,6 +44,19 @@ class Ticket:
         self.timeout_s = timeout_s
         self.deadline = self.arrived_at + timeout_s
         self.images = 1
+        self._released = False
+
+    def release(self) -> None:
+        """Give the images back (once; `Admission.admit` does it on exit)."""
+        if not self._released:
+            self._released = True
+            self._admission.in_flight -= self.images
+
+    def shorten(self, timeout_ms: float | None) -> None:
+        """Apply the client's own deadline (ms from arrival) when it is shorter than the one admitted with."""
+        if timeout_ms is not None and timeout_ms / 1000.0 < self.timeout_s:
+            self.timeout_s = timeout_ms / 1000.0
+            self.deadline = self.arrived_at + self.timeout_s
 
     def remaining(self) -> float:
         """Seconds left before the deadline (negative once past)."""
@@ -96,12 +115,25 @@ class Admission:
     @contextlib.contextmanager
     def admit(self, timeout_ms: float | None = None) -> Iterator[Ticket]:
         """Admit one request (one image) or raise Overloaded; its images are released on exit."""
-        ticket = Ticket(self, self.timeout_for(timeout_ms))
-        self._take(1, alone_ok=False)
+        ticket = self.acquire(timeout_ms)
         try:
             yield ticket
         finally:
-            self.in_flight -= ticket.images
+            ticket.release()
+
+    def untracked(self, arrived_at: float | None = None) -> Ticket:
+        """A ticket with the default deadline from `arrived_at` (default: now) that holds no images (for a
+        caller that bypasses admission)."""
+        ticket = Ticket(self, self.timeout_s)
+        ticket.images, ticket._released = 0, True
+        if arrived_at is not None:
+            ticket.arrived_at, ticket.deadline = arrived_at, arrived_at + self.timeout_s
+        return ticket
+
+    def acquire(self, timeout_ms: float | None = None) -> Ticket:
+        """`admit` without the context manager: the caller must `release()` the ticket."""
+        self._take(1, alone_ok=False)
+        return Ticket(self, self.timeout_for(timeout_ms))
 
     def _take(self, images: int, *, alone_ok: bool) -> None:
         if self.in_flight + images > self.limit and not alone_ok:
@@ -110,3 +142,48 @@ class Admission:
                 retry_after_s=RETRY_AFTER_S,
             )
         self.in_flight += images
+
+
+# ------------------------------------------------------------------------------------------ HTTP
+
+
+TICKET_KEY = "ssd.ticket"
+
+
+def admitted(scope: Scope) -> Ticket:
+    """The ticket `AdmissionMiddleware` admitted this request with."""
+    return scope[TICKET_KEY]  # type: ignore[no-any-return]
+
+
+class AdmissionMiddleware:
+    """Admit each request to `paths` at arrival, before routing and before its body is read: a JSON 503 with
+    Retry-After when `admission()` is full (counted by `on_reject`), else the request runs holding its ticket."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        admission: Callable[[], Admission],
+        paths: frozenset[str],
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.admission = admission
+        self.paths = paths
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        try:
+            ticket = self.admission().acquire()
+        except Overloaded as exc:
+            if self.on_reject is not None:
+                self.on_reject(exc.reject_reason or "overloaded")
+            await error_response(exc)(scope, receive, send)
+            return
+        scope[TICKET_KEY] = ticket
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ticket.release()

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import connections, uploads
+from server.admission import AdmissionMiddleware, admitted
 from server.engines.base import Engine
 from server.errors import ServerError, install_error_handlers
 from server.metrics import Metrics
@@ -139,7 +140,10 @@ def create_app(
     app.state.settings, app.state.metrics, app.state.pipeline = settings, metrics, pipeline
     install_error_handlers(app, on_reject=metrics.reject)
     app.add_middleware(uploads.BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.reject)
-    app.add_middleware(connections.RequestGuard, on_reject=metrics.reject)  # client gone: work cancelled, 499; shutdown cancel: JSON 503
+    app.add_middleware(connections.RequestGuard, on_reject=metrics.reject)
+    app.add_middleware(  # 503 at arrival, before routing and before the body is read
+        AdmissionMiddleware, admission=lambda: pipeline.admission, paths=DETECT_ENDPOINTS, on_reject=metrics.reject
+    )  # client gone: work cancelled, 499; shutdown cancel: JSON 503
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every response, 413s included
     model_limits_in_openapi(app, pipeline)
 
@@ -151,10 +155,11 @@ def create_app(
         timeout_ms: float | None = RequestedTimeout,
     ) -> Response:
         """Detect objects in one image: multipart field `image`, or the raw body with an image content type."""
+        ticket = admitted(request.scope)  # by AdmissionMiddleware, at arrival
+        ticket.shorten(timeout_ms)
         options = pipeline.options(score_threshold, max_detections)
-        with pipeline.admission.admit(timeout_ms) as ticket:  # 503 here, before the body is read
-            upload = await uploads.single_image(request)
-            return json_response(await pipeline.detect(upload, options, ticket=ticket))
+        upload = await uploads.single_image(request)
+        return json_response(await pipeline.detect(upload, options, ticket=ticket))
 
     @app.post("/detect/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY)
     async def detect_batch(
@@ -165,13 +170,14 @@ def create_app(
     ) -> Response:
         """Several images (multipart parts `images`), one result per image in order; a bad image gets its own
         error entry `{error, detail, status}` and the others are answered normally."""
+        ticket = admitted(request.scope)
+        ticket.shorten(timeout_ms)
         options = pipeline.options(score_threshold, max_detections)
-        with pipeline.admission.admit(timeout_ms) as ticket:
-            parts = await uploads.batch_images(request, settings.max_images_per_request)
-            ticket.reserve(len(parts))
-            outcomes = await asyncio.gather(
-                *(pipeline.detect(part, options, ticket=ticket) for part in parts), return_exceptions=True
-            )
+        parts = await uploads.batch_images(request, settings.max_images_per_request)
+        ticket.reserve(len(parts))
+        outcomes = await asyncio.gather(
+            *(pipeline.detect(part, options, ticket=ticket) for part in parts), return_exceptions=True
+        )
         results = [batch_entry(outcome, metrics) for outcome in outcomes]
         return json_response({"model": pipeline.ready()[0].model, "results": results})
 

@@ -199,9 +199,7 @@ class Pipeline:
         request_timeout_ms from `received_at` (not admitted: the caller bypasses the in-flight bound)."""
         metadata, batcher = self.ready()
         if ticket is None:
-            ticket = Ticket(self.admission, self.admission.timeout_s)
-            if received_at is not None:
-                ticket.arrived_at, ticket.deadline = received_at, received_at + ticket.timeout_s
+            ticket = self.admission.untracked(received_at)
         with batcher.incoming():
             prepared = await ticket.wait(self.decode(upload, ticket.deadline), "decode")
             ticket.check("joining a batch")
