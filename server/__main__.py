@@ -15,6 +15,7 @@ import typing
 
 from pydantic import ValidationError
 
+from server.allocator import limit_malloc_arenas
 from server.settings import Settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -53,6 +54,7 @@ def load_settings(argv: list[str] | None = None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    limit_malloc_arenas()  # before numpy, onnxruntime or any thread allocates (see server/allocator.py)
     try:
         settings = load_settings(argv)
     except ValidationError as exc:
