@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         # After the drain: no request outlives its deadline, so in-flight ones are done within it (+1 s).
         timeout_graceful_shutdown=math.ceil(settings.request_timeout_ms / 1000) + 1,
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
-        limit_concurrency=settings.max_connections,
-        http=connections.protocol_class(settings.client_timeout_s, settings.max_header_bytes),
+        limit_concurrency=settings.effective_max_connections,
+        http=connections.protocol_class(
+            settings.client_timeout_s, settings.max_header_bytes, on_reject=app.state.metrics.reject
+        ),
     )
 
     def drain() -> None:

@@ -129,6 +129,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     client_timeout_s: float = 30.0
     max_header_bytes: int = 32 * 1024
+    on_reject: Callable[[str], None] | None = None  # counts what is refused here, before any ASGI request
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -136,6 +137,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_headers = True
         self._header_bytes = 0
         self._headers_seen = 0
+        if self.limit_concurrency is not None and len(self.connections) > self.limit_concurrency:
+            # Over the bound on open connections: refused at once, so descriptors stay bounded too.
+            detail = "the server has too many open connections; retry"
+            self._refuse(503, "too_many_connections", detail, "too_many_connections")
+            return
         # A new connection waits for its first request as a kept-alive one waits for its next.
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
@@ -150,9 +156,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_bytes += len(data)
             if self._header_bytes > self.max_header_bytes:
                 logger.info("closing a connection: request headers over %d bytes", self.max_header_bytes)
-                self._refuse(
-                    431, "headers_too_large", f"the request line and headers exceed {self.max_header_bytes} bytes"
-                )
+                detail = f"the request line and headers exceed {self.max_header_bytes} bytes"
+                self._refuse(431, "headers_too_large", detail, "headers_too_large")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -173,7 +178,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
-        self._refuse(400, "bad_request", msg)
+        self._refuse(400, "bad_request", msg, "bad_request")
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         if getattr(self, "_oversized", False):
@@ -203,12 +208,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if cycle.response_started:  # answered already (e.g. refused early): nothing more can be said
                 self.transport.close()
                 return
-            cycle.scope[CLIENT_TIMEOUT_KEY] = True  # the app's view of it: 408, not a disconnect
+            cycle.scope[CLIENT_TIMEOUT_KEY] = True  # the app's view of it: 408, not a disconnect (counted there)
             cycle.disconnected = True  # nothing the app sends from now on reaches the socket
             cycle.message_event.set()
-        self._refuse(CLIENT_TIMEOUT, "client_timeout", f"the request did not arrive within {self.client_timeout_s:g} s")
+        detail = f"the request did not arrive within {self.client_timeout_s:g} s"
+        self._refuse(CLIENT_TIMEOUT, "client_timeout", detail, "client_timeout" if cycle is None else None)
 
-    def _refuse(self, status: int, code: str, detail: str) -> None:
+    def _refuse(self, status: int, code: str, detail: str, reason: str | None) -> None:
+        if reason is not None and self.on_reject is not None:
+            self.on_reject(reason)
         self.transport.write(json_error_bytes(status, code, detail))
         self.transport.close()
 
@@ -222,13 +230,14 @@ async def _over_connection_limit(scope: Scope, receive: Receive, send: Send) -> 
     await _send_json(send, 503, "too_many_connections", "the server has too many open connections; retry", True)
 
 
-def protocol_class(client_timeout_s: float, max_header_bytes: int) -> type[GuardedHttpToolsProtocol]:
-    """The protocol for uvicorn.Config(http=...), with these bounds."""
-    return type(
-        "ServerHttpProtocol",
-        (GuardedHttpToolsProtocol,),
-        {"client_timeout_s": client_timeout_s, "max_header_bytes": max_header_bytes},
-    )
+def protocol_class(
+    client_timeout_s: float, max_header_bytes: int, on_reject: Callable[[str], None] | None = None
+) -> type[GuardedHttpToolsProtocol]:
+    """The protocol for uvicorn.Config(http=...), with these bounds; `on_reject(reason)` counts its refusals."""
+    attributes = {"client_timeout_s": client_timeout_s, "max_header_bytes": max_header_bytes}
+    if on_reject is not None:
+        attributes["on_reject"] = staticmethod(on_reject)
+    return type("ServerHttpProtocol", (GuardedHttpToolsProtocol,), attributes)
 
 
 # ------------------------------------------------------------------------------------------ drain

@@ -63,7 +63,10 @@ class Settings(BaseSettings):
     )
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle connection is closed after this long")
     max_connections: int = Field(
-        1000, ge=1, description="open connections at most; requests beyond it get 503 (uvicorn's limit_concurrency)"
+        0,
+        ge=0,
+        description="open connections at most (503, then closed, beyond; uvicorn's limit_concurrency); "
+        "0: 1000, or fewer to stay 64 below the process's open-file limit",
     )
     max_header_bytes: int = Field(
         32 * 1024, ge=1024, description="largest request line + headers (431 beyond)"
@@ -139,6 +142,18 @@ class Settings(BaseSettings):
     @property
     def effective_max_in_flight(self) -> int:
         return self.max_in_flight or self.max_queue_size + self.max_batch_size + self.effective_decode_workers
+
+    @property
+    def effective_max_connections(self) -> int:
+        if self.max_connections:
+            return self.max_connections
+        try:
+            import resource
+
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (ImportError, OSError, ValueError):  # not a POSIX system
+            return 1000
+        return 1000 if soft == resource.RLIM_INFINITY else max(16, min(1000, soft - 64))
 
     @property
     def is_default_model(self) -> bool:

@@ -252,6 +252,7 @@ def test_clients_that_leave_cancel_their_work_and_count_as_499(server_factory: C
 def test_trickling_clients_are_closed_by_the_client_timeout(guarded: ServerProcess) -> None:
     before_500 = metric(guarded.url, "ssd_requests_total", endpoint="/detect", code="500")
     before_408 = metric(guarded.url, "ssd_requests_total", endpoint="/detect", code="408")
+    timed_out = metric(guarded.url, "ssd_rejected_requests_total", reason="client_timeout")
     header_tricklers = [connect(guarded, timeout_s=10) for _ in range(3)]
     body_tricklers = [connect(guarded, timeout_s=10) for _ in range(2)]  # admission allows two
     request = head(length=len(JPEG))
@@ -294,7 +295,8 @@ def test_trickling_clients_are_closed_by_the_client_timeout(guarded: ServerProce
     ok = httpx.post(f"{guarded.url}/detect", content=JPEG, headers={"content-type": "image/jpeg"}, timeout=60)
     assert ok.status_code == 200
     assert metric(guarded.url, "ssd_requests_total", endpoint="/detect", code="500") == before_500
-    assert metric(guarded.url, "ssd_requests_total", endpoint="/detect", code="408") == before_408 + 2
+    assert metric(guarded.url, "ssd_requests_total", endpoint="/detect", code="408") == before_408 + 2  # in a request
+    assert metric(guarded.url, "ssd_rejected_requests_total", reason="client_timeout") == timed_out + 5  # all
 
 
 def test_an_idle_new_connection_is_closed_after_the_keep_alive_time(guarded: ServerProcess) -> None:
@@ -343,18 +345,19 @@ def test_protocol_errors_are_json(guarded: ServerProcess) -> None:
     assert "application/json" in reply and '"error":"bad_request"' in reply.replace(" ", "")
 
 
-def test_connections_over_the_limit_get_json_503(server_factory: Callable[..., ServerProcess]) -> None:
+def test_connections_over_the_limit_are_refused_with_json_503(server_factory: Callable[..., ServerProcess]) -> None:
     srv = server_factory({**FAST, "max_connections": 2, "keep_alive_timeout_s": 30})
     idle = [connect(srv) for _ in range(2)]
     try:
         time.sleep(0.2)
-        with connect(srv) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        with connect(srv) as sock:  # refused as it opens: the descriptor is not kept
             reply = read_reply(sock).decode(errors="replace")
-        assert reply.startswith("HTTP/1.1 503") and '"error":"too_many_connections"' in reply.replace(" ", ""), reply
     finally:
         for sock in idle:
             sock.close()
+    assert reply.startswith("HTTP/1.1 503") and '"error":"too_many_connections"' in reply.replace(" ", ""), reply
+    time.sleep(0.2)
+    assert metric(srv.url, "ssd_rejected_requests_total", reason="too_many_connections") == 1
 
 
 def test_a_chunked_body_over_the_limit_is_413_and_closes(guarded: ServerProcess) -> None:
