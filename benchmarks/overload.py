@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.overload                        # every scenario, 10 s floods (~3 min)
     .venv/bin/python -m benchmarks.overload --duration 2 --only overload,drain
+    .venv/bin/python -m benchmarks.overload --only overload --set max_in_flight=64   # another bound, A/B
 
 Scenarios (each on a fresh server with the default model, 127.0.0.1 only, bounded in time):
   overload    SSD_MAX_QUEUE_SIZE=16: capacity with 8 connections, then 200 connections for --duration;
@@ -31,6 +32,7 @@ import numpy as np
 from benchmarks.httpclient import Connection, HttpError, Target
 from server.testing import REPO_ROOT, ServerProcess, start_server
 
+EXTRA: dict[str, str] = {}  # --set NAME=VALUE: settings added to every scenario's server
 IMAGES = sorted((REPO_ROOT.parent / "shared" / "data" / "voc2012_sample" / "JPEGImages").glob("*.jpg"))[:16]
 JPEG_HEADERS = {"Content-Type": "image/jpeg"}
 
@@ -131,7 +133,7 @@ async def sequential_latency(target: Target, duration_s: float, bodies: list[byt
 
 
 def overload(duration_s: float, bodies: list[bytes]) -> list[Row]:
-    server = start_server({"max_queue_size": 16})
+    server = start_server({**EXTRA, "max_queue_size": 16})
     try:
         target = target_of(server)
 
@@ -180,7 +182,7 @@ def overload(duration_s: float, bodies: list[bytes]) -> list[Row]:
 
 
 def deadline(duration_s: float, bodies: list[bytes]) -> list[Row]:
-    server = start_server({"request_timeout_ms": 200})
+    server = start_server({**EXTRA, "request_timeout_ms": 200})
     try:
         records, _ = asyncio.run(closed_loop(target_of(server), 200, duration_s, bodies))
         latencies = [r.latency for r in records if r.status > 0]
@@ -196,7 +198,7 @@ def deadline(duration_s: float, bodies: list[bytes]) -> list[Row]:
 
 
 def drain(bodies: list[bytes]) -> list[Row]:
-    server = start_server({"drain_seconds": 2})
+    server = start_server({**EXTRA, "drain_seconds": 2})
     target = target_of(server)
 
     async def run() -> list[Row]:
@@ -245,7 +247,7 @@ def drain(bodies: list[bytes]) -> list[Row]:
 
 
 def slow(duration_s: float, bodies: list[bytes]) -> list[Row]:
-    server = start_server({"client_timeout_s": 3})
+    server = start_server({**EXTRA, "client_timeout_s": 3})
     target = target_of(server)
     request_head = b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
 
@@ -291,7 +293,7 @@ def slow(duration_s: float, bodies: list[bytes]) -> list[Row]:
 
 
 def defaults(duration_s: float, bodies: list[bytes]) -> list[Row]:
-    server = start_server({})
+    server = start_server(dict(EXTRA))
     try:
         before = rss_mb(server)
         records, elapsed = asyncio.run(closed_loop(target_of(server), 600, duration_s, bodies))
@@ -311,7 +313,7 @@ def defaults(duration_s: float, bodies: list[bytes]) -> list[Row]:
 def bad_inputs(count: int, bodies: list[bytes]) -> list[Row]:
     jpeg = bodies[0]
     bad = [jpeg[: len(jpeg) // 3], jpeg[:2000] + b"\xff\xd9", b"not an image at all", jpeg[:600] + b"\xff" * 4000]
-    server = start_server({})
+    server = start_server(dict(EXTRA))
     try:
         target = target_of(server)
         before = rss_mb(server)
@@ -352,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per flood (default 10)")
     parser.add_argument("--bad-inputs", type=int, default=2000, help="bad inputs in the bad_inputs scenario")
     parser.add_argument("--only", default="", help="comma-separated scenarios (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a setting for every server")
     args = parser.parse_args(argv)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        EXTRA[name.strip().lower()] = value
     if not IMAGES:
         parser.error("no images under ../shared/data/voc2012_sample/JPEGImages")
     bodies = [path.read_bytes() for path in IMAGES]

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="images admitted at once, from arrival to response; beyond it: 503 + Retry-After before the "
-        "body is read (0: max_queue_size + max_batch_size + decode workers, what the stages behind can hold)",
+        "body is read (0: max_queue_size, so the batcher's queue never overflows after a decode)",
     )
     drain_seconds: float = Field(
         5.0,
@@ -141,7 +141,12 @@ class Settings(BaseSettings):
 
     @property
     def effective_max_in_flight(self) -> int:
-        return self.max_in_flight or self.max_queue_size + self.max_batch_size + self.effective_decode_workers
+        # max_queue_size by default: everything admitted fits the batcher's queue, so no request is refused after
+        # its decode was paid for, and after a flood at most max_queue_size images stand between a new request
+        # and the engine. A bound above it (queue + batch + decode threads) lets each finished batch admit more
+        # images than the queue can take, which are then decoded only to be refused (slow 503s, wasted CPU).
+        # benchmarks/overload.py --set max_in_flight=N compares other bounds.
+        return self.max_in_flight or self.max_queue_size
 
     @property
     def effective_max_connections(self) -> int:

@@ -363,7 +363,7 @@ def test_a_flood_beyond_the_queue_gets_503_with_retry_after_then_normal_service(
         responses = asyncio.run(flood())
         codes = [r.status_code for r in responses]
         refused = [r for r in responses if r.status_code == 503]
-        assert set(codes) <= {200, 503} and refused and codes.count(200) >= 3, codes
+        assert set(codes) <= {200, 503} and refused and codes.count(200) >= 2, codes  # in flight: the queue of 2
         for r in refused:  # refused at arrival (overloaded) or, rarely, at the queue after decode
             assert r.headers["retry-after"] == "1" and r.json()["error"] in ("overloaded", "queue_full")
         after = metric_samples(c)
