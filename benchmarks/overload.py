@@ -157,6 +157,7 @@ def overload(duration_s: float, bodies: list[bytes]) -> list[Row]:
             finally:
                 await probe.close()
             flood, flood_elapsed = await flood_task
+            after_decode = await metric(target, 'ssd_rejected_requests_total{reason="queue_full"}')
             in_window = [r for r in flood if r.start < flood_end]
             refused = [r.latency for r in in_window if r.status == 503]
             goodput = sum(r.status == 200 for r in in_window) / flood_elapsed
@@ -173,6 +174,7 @@ def overload(duration_s: float, bodies: list[bytes]) -> list[Row]:
                     ">= 80%",
                 ),
                 Row("overload", "5xx other than 503/504", str(other_5xx), "0"),
+                Row("overload", "503s after a decode (queue full)", f"{after_decode:.0f}", "0"),
                 Row("overload", "back to normal latency after", ms(recovered), "< 1000 ms"),
             ]
 
