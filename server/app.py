@@ -140,10 +140,10 @@ def create_app(
     app.state.settings, app.state.metrics, app.state.pipeline = settings, metrics, pipeline
     install_error_handlers(app, on_reject=metrics.reject)
     app.add_middleware(uploads.BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.reject)
-    app.add_middleware(connections.RequestGuard, on_reject=metrics.reject)
+    app.add_middleware(connections.RequestGuard, on_reject=metrics.reject)  # client gone: 499, work cancelled
     app.add_middleware(  # 503 at arrival, before routing and before the body is read
         AdmissionMiddleware, admission=lambda: pipeline.admission, paths=DETECT_ENDPOINTS, on_reject=metrics.reject
-    )  # client gone: work cancelled, 499; shutdown cancel: JSON 503
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every response, 413s included
     model_limits_in_openapi(app, pipeline)
 

@@ -23,6 +23,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from types import FrameType
 from typing import Any
 
@@ -35,14 +36,12 @@ from server.errors import CLIENT_CLOSED, CLIENT_TIMEOUT, CLIENT_TIMEOUT_KEY
 
 logger = logging.getLogger("server.connections")
 
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
-
 
 def json_error_bytes(status: int, code: str, detail: str) -> bytes:
     """A whole HTTP/1.1 response with the JSON error shape that closes the connection (for the protocol layer)."""
     body = json.dumps({"error": code, "detail": detail}).encode()
     head = (
-        f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body
