@@ -102,6 +102,7 @@ class Admission:
         self.limit = limit
         self.timeout_s = timeout_s
         self.in_flight = 0
+        self.arrivals = 0  # every request that asked, admitted or not
         self.draining = False
 
     def timeout_for(self, timeout_ms: float | None) -> float:
@@ -132,6 +133,7 @@ class Admission:
 
     def acquire(self, timeout_ms: float | None = None) -> Ticket:
         """`admit` without the context manager: the caller must `release()` the ticket."""
+        self.arrivals += 1
         self._take(1, alone_ok=False)
         return Ticket(self, self.timeout_for(timeout_ms))
 

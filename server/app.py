@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import connections, uploads
 from server.admission import AdmissionMiddleware, admitted
+from server.allocator import trim_when_idle
 from server.engines.base import Engine
 from server.errors import ServerError, install_error_handlers
 from server.metrics import Metrics
@@ -123,10 +124,12 @@ def create_app(
                 on_load_failure(pipeline.error or "unknown error")
 
         loading = asyncio.create_task(load(), name="load-model")
+        trimming = asyncio.create_task(trim_when_idle(lambda: pipeline.admission.arrivals), name="malloc-trim")
         try:
             yield
         finally:
             loading.cancel()
+            trimming.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             await pipeline.stop()
