@@ -93,6 +93,10 @@ class DynamicBatcher:
         # Batches are assembled here, on the engine thread: one batch at a time, so one buffer serves them all.
         self._buffer = np.empty((config.max_batch_size, height, width, 3), dtype=np.uint8)
         self._task: asyncio.Task[None] | None = None
+        # Engine seconds per image, a moving average over recent batches (0 until one ran): a batch is not grown
+        # past what can finish before the tightest deadline in it, and an image that cannot finish even alone
+        # is answered at once instead of taking engine time from the others.
+        self._per_image_s = 0.0
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -116,6 +120,11 @@ class DynamicBatcher:
             await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
     # ------------------------------------------------------------------------------------------ requests
+
+    @property
+    def engine_s_per_image(self) -> float:
+        """Recent engine seconds per image (0 before the first batch)."""
+        return self._per_image_s
 
     @property
     def queue_depth(self) -> int:
@@ -157,7 +166,7 @@ class DynamicBatcher:
         first = await self._queue.get()
         self._take(first, batch)
         deadline = first.enqueued_at + self.config.max_queue_delay_s
-        while len(batch) < self.config.max_batch_size:
+        while len(batch) < self._fitting_size(batch):
             try:
                 self._take(self._queue.get_nowait(), batch)
                 continue
@@ -174,15 +183,24 @@ class DynamicBatcher:
         self._set_depth()
         return batch
 
+    def _fitting_size(self, batch: list[Pending]) -> int:
+        """The largest batch that, at the recent engine time per image, ends before every deadline in `batch`."""
+        deadlines = [p.deadline for p in batch if p.deadline is not None]
+        if not deadlines or self._per_image_s <= 0:
+            return self.config.max_batch_size
+        slack = min(deadlines) - time.perf_counter()
+        return max(len(batch), min(self.config.max_batch_size, int(slack / self._per_image_s)))
+
     def _take(self, pending: Pending, batch: list[Pending]) -> None:
         """Add to the batch unless its client is gone or it waited too long (then answered here, not inferred)."""
         if pending.future.done():  # cancelled: the client went away
             return
         now = time.perf_counter()
         waited = now - pending.enqueued_at
-        if pending.deadline is not None and now > pending.deadline:
+        if pending.deadline is not None and now + self._per_image_s > pending.deadline:
+            late = "passed" if now > pending.deadline else "would pass before its inference ends"
             pending.future.set_exception(
-                RequestTimeout(f"the request's deadline passed after {waited * 1000:.0f} ms in the queue")
+                RequestTimeout(f"the request's deadline {late} after {waited * 1000:.0f} ms in the queue")
             )
             return
         if waited > self.config.request_timeout_s:
@@ -216,6 +234,8 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_exception(error)
             return
+        per_image = inference_s / len(batch)
+        self._per_image_s = per_image if self._per_image_s <= 0 else 0.8 * self._per_image_s + 0.2 * per_image
         if self._metrics is not None:
             self._metrics.observe_batch(len(batch), inference_s)
         for i, pending in enumerate(batch):

@@ -69,6 +69,7 @@ class Pipeline:
         # Every front end admits its requests here, before reading them (server.admission).
         self.admission = Admission(settings.effective_max_in_flight, settings.request_timeout_ms / 1000.0)
         metrics.images_in_flight.set_function(lambda: self.admission.in_flight)
+        self._decode_s = 0.0  # recent decode seconds per image (moving average)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -174,13 +175,16 @@ class Pipeline:
         return DetectOptions(score_threshold=score_threshold, max_detections=max_detections)
 
     async def decode(self, upload: Upload, deadline: float | None = None) -> PreparedImage:
-        """Decode in the thread pool; a job that starts after `deadline` (perf_counter s) is dropped unrun."""
-        metadata, _ = self.ready()
+        """Decode in the thread pool. A job that starts too late to finish its decode and inference (at their
+        recent times) before `deadline` (perf_counter s) is dropped unrun: under overload the pool skips the
+        requests that are already lost and serves those that can still make it."""
+        metadata, batcher = self.ready()
         check_content_type(upload.content_type)
         loop = asyncio.get_running_loop()
         job = functools.partial(
             _preprocess_before,
             deadline,
+            self._decode_s + batcher.engine_s_per_image,
             upload.data,
             metadata.input_size,
             max_pixels=self.settings.max_image_pixels,
@@ -188,6 +192,7 @@ class Pipeline:
         )
         prepared = await loop.run_in_executor(self._decode_pool, job)
         self.metrics.decode_duration.observe(prepared.decode_s)
+        self._decode_s = prepared.decode_s if self._decode_s <= 0 else 0.8 * self._decode_s + 0.2 * prepared.decode_s
         return prepared
 
     async def detect(
@@ -230,8 +235,8 @@ class Pipeline:
         }
 
 
-def _preprocess_before(deadline: float | None, *args: Any, **kwargs: Any) -> PreparedImage:
-    """`preprocess`, unless the request's deadline passed while the job waited for a decode thread."""
-    if deadline is not None and time.perf_counter() > deadline:
-        raise RequestTimeout("the request's deadline passed while it waited for a decode thread")
+def _preprocess_before(deadline: float | None, needed_s: float, *args: Any, **kwargs: Any) -> PreparedImage:
+    """`preprocess`, unless the request can no longer finish (`needed_s` more) before its deadline."""
+    if deadline is not None and time.perf_counter() + needed_s > deadline:
+        raise RequestTimeout("the request's deadline would pass before its decode and inference end")
     return preprocess(*args, **kwargs)
