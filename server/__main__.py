@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 import types
 import typing
@@ -14,6 +16,7 @@ import typing
 from pydantic import ValidationError
 
 from server import logs
+from server.allocator import limit_malloc_arenas
 from server.settings import Settings
 
 
@@ -52,6 +55,7 @@ def load_settings(argv: list[str] | None = None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    limit_malloc_arenas()  # before numpy, onnxruntime or any thread allocates (see server/allocator.py)
     try:
         settings = load_settings(argv)
     except ValidationError as exc:
@@ -67,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return 2
 
+    # Before anything imports onnxruntime (a first-start export validates with it): no telemetry database.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import uvicorn
 
+    from server import connections
     from server.app import create_app
 
     failure: list[str] = []
@@ -87,9 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         log_config=logs.logging_config(settings.log_format, settings.log_level),  # every logger, uvicorn's too
         log_level=settings.log_level,
         access_log=False,  # server.requestid writes the access log (with request ids, latency, image size)
-        timeout_graceful_shutdown=10,
+        # After the drain: no request outlives its deadline, so in-flight ones are done within it (+1 s).
+        timeout_graceful_shutdown=math.ceil(settings.request_timeout_ms / 1000) + 1,
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
+        limit_concurrency=settings.effective_max_connections,
+        http=connections.protocol_class(
+            settings.client_timeout_s, settings.max_header_bytes, on_reject=app.state.metrics.reject
+        ),
     )
-    server = uvicorn.Server(config)
+
+    def drain() -> None:
+        app.state.models.admission.draining = True
+
+    server = connections.DrainingServer(config, drain_s=settings.drain_seconds, on_drain=drain)
     server.run()
     if failure:
         logging.getLogger("server").error("exiting: the model could not be loaded: %s", failure[0])

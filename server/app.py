@@ -19,7 +19,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import annotate, browser, requestid, uploads
+from server import annotate, browser, connections, requestid, uploads
+from server.admission import AdmissionMiddleware, RequestedTimeout, admitted
+from server.allocator import trim_when_idle
 from server.engines.base import Engine
 from server.errors import ServerError, install_error_handlers
 from server.metrics import Metrics
@@ -68,8 +70,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "body or image too large",
         415: "unsupported content type",
         422: "missing field or bad query parameter",
-        503: "queue full (Retry-After) or model not ready",
-        504: "waited too long in the queue",
+        503: "overloaded or queue full (Retry-After), model not ready, or shutting down",
+        504: "the request's deadline passed (request_timeout_ms, or the client's X-Request-Timeout-Ms / timeout_ms)",
     }.items()
 }
 
@@ -119,12 +121,14 @@ def create_app(
             grpc_server = GrpcServer(models, metrics, settings.host, settings.grpc_port, settings.max_body_bytes)
             await grpc_server.start()
         loading = asyncio.create_task(load(), name="load-model")
+        trimming = asyncio.create_task(trim_when_idle(lambda: models.admission.arrivals), name="malloc-trim")
         try:
             yield
         finally:
             if grpc_server is not None:
                 await grpc_server.stop()
             loading.cancel()
+            trimming.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             await models.stop()
@@ -141,9 +145,17 @@ def create_app(
     app.state.models = models
     install_error_handlers(app, on_reject=metrics.reject)
     app.add_middleware(uploads.BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.reject)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every response, 413s included
+    app.add_middleware(connections.RequestGuard, on_reject=metrics.reject)  # client gone: 499, work cancelled
+    app.add_middleware(  # 503 at arrival, before routing and before the body is read
+        AdmissionMiddleware,
+        admission=lambda: models.admission,
+        admits=lambda path: path in DETECT_ENDPOINTS or v2_http.is_infer_path(path),
+        on_reject=metrics.reject,
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every response, 413s and 503s included
     app.add_middleware(requestid.RequestIdMiddleware, endpoints=ENDPOINTS, access_log=settings.access_log)  # outermost
     browser.install(app, settings.cors_origins)
+    model_limits_in_openapi(app, pipeline)
 
     @app.post("/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=DETECT_BODY)
     async def detect(
@@ -151,13 +163,15 @@ def create_app(
         score_threshold: float | None = ScoreThreshold,
         max_detections: int | None = MaxDetections,
         model: str | None = ModelName,
+        timeout_ms: float | None = RequestedTimeout,
     ) -> Response:
         """Detect objects in one image: multipart field `image`, or the raw body with an image content type."""
-        received_at = time.perf_counter()
+        ticket = admitted(request.scope)  # by AdmissionMiddleware, at arrival
+        ticket.shorten(timeout_ms)
         pipeline = models.get(model)
         options = pipeline.options(score_threshold, max_detections)
         upload = await uploads.single_image(request)
-        return json_response(await pipeline.detect(upload, options, received_at))
+        return json_response(await pipeline.detect(upload, options, ticket=ticket))
 
     @app.post(
         "/detect/annotated",
@@ -170,13 +184,15 @@ def create_app(
         score_threshold: float | None = ScoreThreshold,
         max_detections: int | None = MaxDetections,
         model: str | None = ModelName,
+        timeout_ms: float | None = RequestedTimeout,
     ) -> Response:
         """/detect's detections drawn on the image at its original size: JPEG, or PNG if `Accept` prefers it."""
-        received_at = time.perf_counter()
+        ticket = admitted(request.scope)
+        ticket.shorten(timeout_ms)
         pipeline = models.get(model)
         options = pipeline.options(score_threshold, max_detections)
         upload = await uploads.single_image(request)
-        result = await pipeline.detect(upload, options, received_at)
+        result = await pipeline.detect(upload, options, ticket=ticket)
         body, media = await annotate.annotated(
             upload.data, result, request.headers.get("accept"), max_pixels=settings.max_image_pixels
         )
@@ -189,15 +205,18 @@ def create_app(
         score_threshold: float | None = ScoreThreshold,
         max_detections: int | None = MaxDetections,
         model: str | None = ModelName,
+        timeout_ms: float | None = RequestedTimeout,
     ) -> Response:
         """Several images (multipart parts `images`), one result per image in order; a bad image gets its own
         error entry `{error, detail, status}` and the others are answered normally."""
-        received_at = time.perf_counter()
+        ticket = admitted(request.scope)  # by AdmissionMiddleware, at arrival
+        ticket.shorten(timeout_ms)
         pipeline = models.get(model)
         options = pipeline.options(score_threshold, max_detections)
         parts = await uploads.batch_images(request, settings.max_images_per_request)
+        ticket.reserve(len(parts))
         outcomes = await asyncio.gather(
-            *(pipeline.detect(part, options, received_at) for part in parts), return_exceptions=True
+            *(pipeline.detect(part, options, ticket=ticket) for part in parts), return_exceptions=True
         )
         results = [batch_entry(outcome, metrics) for outcome in outcomes]
         return json_response({"model": pipeline.ready()[0].model, "results": results})
@@ -237,10 +256,11 @@ def create_app(
 
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def readyz() -> JSONResponse:
-        """Readiness: 200 once the model is loaded and warmed up; 503 while loading or after a failure."""
-        ready = models.status == "ready"
+        """Readiness: 200 once every model is loaded and warmed up; 503 while loading, after a failure, or draining."""
+        draining = models.admission.draining
+        ready = models.status == "ready" and not draining
         return JSONResponse(
-            {"status": models.status, "detail": models.error},
+            {"status": "draining" if draining else models.status, "detail": models.error},
             status_code=200 if ready else 503,
             headers=None if ready else {"Retry-After": "1"},
         )
@@ -252,6 +272,30 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def model_limits_in_openapi(app: FastAPI, pipeline: Pipeline) -> None:
+    """/openapi.json states the loaded model's bounds (score_threshold >= its threshold, max_detections <= its K),
+    which the server enforces; until the model is loaded it gives the static ones and is not cached."""
+    generate = app.openapi
+    limits = {"score_threshold": "minimum", "max_detections": "maximum"}
+
+    def openapi() -> dict[str, Any]:
+        metadata = pipeline.metadata
+        if metadata is None or pipeline.status != "ready":
+            app.openapi_schema = None  # not cached: the bounds come with the model
+            return generate()
+        schema = generate()  # FastAPI's cached schema, bounds written into it (idempotent)
+        bound = {"score_threshold": metadata.score_threshold, "max_detections": metadata.max_detections}
+        for operation in (op for item in schema.get("paths", {}).values() for op in item.values()):
+            for parameter in operation.get("parameters", []) if isinstance(operation, dict) else []:
+                if parameter.get("name") in limits:
+                    for sub in [parameter["schema"], *parameter["schema"].get("anyOf", [])]:
+                        if sub.get("type") in ("number", "integer"):
+                            sub[limits[parameter["name"]]] = bound[parameter["name"]]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def batch_entry(outcome: dict[str, Any] | BaseException, metrics: Metrics) -> dict[str, Any]:

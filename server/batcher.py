@@ -5,8 +5,8 @@ or earlier when the queue is empty and no other request is on its way (being dec
 While the engine thread runs a batch the event loop is free, so the next requests decode and queue meanwhile.
 
 Per-item isolation (Triton's execute contract): every pending record has its own future. A full queue refuses
-at `submit` (QueueFull); an image that waited past `request_timeout_s` is answered RequestTimeout when dequeued
-and never reaches the engine; only an engine failure reaches a whole batch (EngineError), and the next batch
+at `submit` (QueueFull); an image past its request's deadline (or that waited past `request_timeout_s`) is answered
+RequestTimeout when dequeued and never reaches the engine; a cancelled one (client gone) is skipped; only an engine failure reaches a whole batch (EngineError), and the next batch
 runs normally. A batch that comes back with a different number of results than it had fails loudly.
 """
 
@@ -51,6 +51,7 @@ class Pending:
     image: np.ndarray  # uint8 [H, W, 3] at the model's input size
     future: asyncio.Future[ImageResult]
     enqueued_at: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None  # perf_counter seconds; None: enqueued_at + request_timeout_s
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ class DynamicBatcher:
         # Batches are assembled here, on the engine thread: one batch at a time, so one buffer serves them all.
         self._buffer = np.empty((config.max_batch_size, height, width, 3), dtype=np.uint8)
         self._task: asyncio.Task[None] | None = None
+        # Engine seconds per image, a moving average over recent batches (0 until one ran): a batch is not grown
+        # past what can finish before the tightest deadline in it, and an image that cannot finish even alone
+        # is answered at once instead of taking engine time from the others.
+        self._per_image_s = 0.0
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -117,6 +122,11 @@ class DynamicBatcher:
     # ------------------------------------------------------------------------------------------ requests
 
     @property
+    def engine_s_per_image(self) -> float:
+        """Recent engine seconds per image (0 before the first batch)."""
+        return self._per_image_s
+
+    @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
@@ -129,11 +139,12 @@ class DynamicBatcher:
         finally:
             self._incoming -= 1
 
-    def submit(self, image: np.ndarray) -> asyncio.Future[ImageResult]:
-        """Queue one image; its future completes with its result or a ServerError. QueueFull when full."""
+    def submit(self, image: np.ndarray, deadline: float | None = None) -> asyncio.Future[ImageResult]:
+        """Queue one image; its future completes with its result or a ServerError. QueueFull when full.
+        `deadline` (perf_counter seconds, the request's end-to-end one): past it, the image never joins a batch."""
         if self._task is None:
             raise NotReady("the batcher is not running")
-        pending = Pending(image=image, future=asyncio.get_running_loop().create_future())
+        pending = Pending(image=image, future=asyncio.get_running_loop().create_future(), deadline=deadline)
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
@@ -155,7 +166,7 @@ class DynamicBatcher:
         first = await self._queue.get()
         self._take(first, batch)
         deadline = first.enqueued_at + self.config.max_queue_delay_s
-        while len(batch) < self.config.max_batch_size:
+        while len(batch) < self._fitting_size(batch):
             try:
                 self._take(self._queue.get_nowait(), batch)
                 continue
@@ -172,11 +183,26 @@ class DynamicBatcher:
         self._set_depth()
         return batch
 
+    def _fitting_size(self, batch: list[Pending]) -> int:
+        """The largest batch that, at the recent engine time per image, ends before every deadline in `batch`."""
+        deadlines = [p.deadline for p in batch if p.deadline is not None]
+        if not deadlines or self._per_image_s <= 0:
+            return self.config.max_batch_size
+        slack = min(deadlines) - time.perf_counter()
+        return max(len(batch), min(self.config.max_batch_size, int(slack / self._per_image_s)))
+
     def _take(self, pending: Pending, batch: list[Pending]) -> None:
         """Add to the batch unless its client is gone or it waited too long (then answered here, not inferred)."""
         if pending.future.done():  # cancelled: the client went away
             return
-        waited = time.perf_counter() - pending.enqueued_at
+        now = time.perf_counter()
+        waited = now - pending.enqueued_at
+        if pending.deadline is not None and now + self._per_image_s > pending.deadline:
+            late = "passed" if now > pending.deadline else "would pass before its inference ends"
+            pending.future.set_exception(
+                RequestTimeout(f"the request's deadline {late} after {waited * 1000:.0f} ms in the queue")
+            )
+            return
         if waited > self.config.request_timeout_s:
             pending.future.set_exception(
                 RequestTimeout(
@@ -208,6 +234,8 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_exception(error)
             return
+        per_image = inference_s / len(batch)
+        self._per_image_s = per_image if self._per_image_s <= 0 else 0.8 * self._per_image_s + 0.2 * per_image
         if self._metrics is not None:
             self._metrics.observe_batch(len(batch), inference_s)
         for i, pending in enumerate(batch):

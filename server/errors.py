@@ -13,12 +13,19 @@ from typing import ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from server import requestid
 
 logger = logging.getLogger("server.errors")
+
+# nginx's code for "the client closed the connection before the response": not a server error (never sent).
+CLIENT_CLOSED = 499
+CLIENT_TIMEOUT = 408
+# Set in the ASGI scope by the protocol (server.connections) when it closed a request that took too long to arrive.
+CLIENT_TIMEOUT_KEY = "ssd.client_timeout"
 
 
 class ServerError(Exception):
@@ -73,6 +80,10 @@ class UnsupportedMediaType(ServerError):
 class PayloadTooLarge(ServerError):
     code, status, reject_reason = "payload_too_large", 413, "payload_too_large"
 
+    def headers(self) -> dict[str, str]:
+        # The rest of the body was never read: the connection cannot carry another request.
+        return {"Connection": "close"}
+
 
 class ImageTooLarge(ServerError):
     code, status, reject_reason = "image_too_large", 413, "image_too_large"
@@ -80,6 +91,14 @@ class ImageTooLarge(ServerError):
 
 class TooManyImages(ServerError):
     code, status, reject_reason = "too_many_images", 413, "too_many_images"
+
+
+class TooManyFields(ServerError):
+    code, status, reject_reason = "too_many_fields", 413, "too_many_fields"
+
+
+class PartTooLarge(ServerError):
+    code, status, reject_reason = "part_too_large", 413, "part_too_large"
 
 
 class QueueFull(ServerError):
@@ -91,6 +110,12 @@ class QueueFull(ServerError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class Overloaded(QueueFull):
+    """Refused at arrival (server.admission): too many images in flight."""
+
+    code, status, reject_reason = "overloaded", 503, "overloaded"
 
 
 class RequestTimeout(ServerError):
@@ -160,6 +185,18 @@ def install_error_handlers(app: FastAPI, on_reject: Callable[[str], None] | None
             headers=exc.headers,
         )
 
+    async def client_disconnect(request: Request, exc: Exception) -> Response:
+        timed_out = bool(request.scope.get(CLIENT_TIMEOUT_KEY))
+        reject("client_timeout" if timed_out else "client_disconnect")
+        logger.info(
+            "%s %s: %s before the request body arrived",
+            request.method,
+            request.url.path,
+            "client timeout" if timed_out else "the client disconnected",
+        )
+        return Response(status_code=CLIENT_TIMEOUT if timed_out else CLIENT_CLOSED)  # labels the metrics only
+
     app.add_exception_handler(ServerError, server_error)
+    app.add_exception_handler(ClientDisconnect, client_disconnect)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)

@@ -90,6 +90,9 @@ class Metrics:
             registry=registry,
         )
         self.requests_in_flight = Gauge("ssd_requests_in_flight", "Detection requests being handled", registry=registry)
+        self.images_in_flight = Gauge(
+            "ssd_images_in_flight", "Images admitted and not yet answered (server.admission)", registry=registry
+        )
         self.queue_depth = Gauge(
             "ssd_queue_depth", "Images waiting in the batcher's queue", per_model, registry=registry
         )
@@ -99,7 +102,16 @@ class Metrics:
         self.model_info = Gauge(
             "ssd_model_info", "The model being served (value 1)", ["model", "engine", "input_size"], registry=registry
         )
-        for reason in ("queue_full", "timeout", "invalid_image", "unsupported_media_type", "payload_too_large"):
+        for reason in (
+            "queue_full",
+            "timeout",
+            "invalid_image",
+            "unsupported_media_type",
+            "payload_too_large",
+            "overloaded",
+            "client_disconnect",
+            "client_timeout",
+        ):
             self.rejected.labels(reason=reason)  # present at 0 from the start
 
     def for_model(self, model: str) -> ModelMetrics:

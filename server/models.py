@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 
+from server.admission import Admission
 from server.engines.base import Engine
 from server.errors import ModelNotFound
 from server.metrics import Metrics
@@ -20,10 +21,15 @@ class ModelRegistry:
     def __init__(
         self, settings: Settings, metrics: Metrics, engine_factory: Callable[[], Engine] | None = None
     ) -> None:
+        # One bound on the work in flight for the whole server, whichever model and front end a request uses.
+        self.admission = Admission(settings.effective_max_in_flight, settings.request_timeout_ms / 1000.0)
+        metrics.images_in_flight.set_function(lambda: self.admission.in_flight)
         self._pipelines: dict[str, Pipeline] = {}
         for file in settings.model:
             name = model_name(file)
-            self._pipelines[name] = Pipeline(settings.for_model(file), metrics.for_model(name), engine_factory)
+            self._pipelines[name] = Pipeline(
+                settings.for_model(file), metrics.for_model(name), engine_factory, admission=self.admission
+            )
         self.default_name = model_name(settings.model_file)
 
     # ------------------------------------------------------------------------------------------ lookup

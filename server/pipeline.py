@@ -18,10 +18,11 @@ import numpy as np
 
 from model_export.contract.metadata import ModelMetadata
 from server import requestid
+from server.admission import Admission, Ticket
 from server.batcher import BatcherConfig, DynamicBatcher, ImageResult, check_batch_output
 from server.engines import MODEL_SUFFIXES, create_engine
 from server.engines.base import Engine, EngineOptions
-from server.errors import InvalidParameter, NotReady
+from server.errors import InvalidParameter, NotReady, RequestTimeout
 from server.metrics import ModelMetrics
 from server.model_store import ensure_model
 from server.postprocess import detections_json, select_detections
@@ -50,7 +51,11 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
 
 class Pipeline:
     def __init__(
-        self, settings: Settings, metrics: ModelMetrics, engine_factory: Callable[[], Engine] | None = None
+        self,
+        settings: Settings,
+        metrics: ModelMetrics,
+        engine_factory: Callable[[], Engine] | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -66,6 +71,10 @@ class Pipeline:
         self._decode_pool = ThreadPoolExecutor(
             max_workers=settings.effective_decode_workers, thread_name_prefix="decode"
         )
+        # Every front end admits its requests here, before reading them (server.admission); one Admission is
+        # shared by every model of a server (server.models), so the bound is the server's.
+        self.admission = admission or Admission(settings.effective_max_in_flight, settings.request_timeout_ms / 1000.0)
+        self._decode_s = 0.0  # recent decode seconds per image (moving average)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -170,8 +179,11 @@ class Pipeline:
             )
         return DetectOptions(score_threshold=score_threshold, max_detections=max_detections)
 
-    async def decode(self, upload: Upload) -> PreparedImage:
-        metadata, _ = self.ready()
+    async def decode(self, upload: Upload, deadline: float | None = None) -> PreparedImage:
+        """Decode in the thread pool. A job that starts too late to finish its decode and inference (at their
+        recent times) before `deadline` (perf_counter s) is dropped unrun: under overload the pool skips the
+        requests that are already lost and serves those that can still make it."""
+        metadata, batcher = self.ready()
         check_content_type(upload.content_type)
         gpu_decoder = getattr(self._engine, "gpu_decoder", None)  # server.gpu_preprocess.GpuDecoder; None: CPU
         if gpu_decoder is not None:
@@ -181,7 +193,9 @@ class Pipeline:
                 return prepared
         loop = asyncio.get_running_loop()
         job = functools.partial(
-            preprocess,
+            _preprocess_before,
+            deadline,
+            self._decode_s + batcher.engine_s_per_image,
             upload.data,
             metadata.input_size,
             max_pixels=self.settings.max_image_pixels,
@@ -190,25 +204,40 @@ class Pipeline:
         prepared = await loop.run_in_executor(self._decode_pool, job)
         self.metrics.decode_duration.observe(prepared.decode_s)
         requestid.note_image(prepared.width, prepared.height)  # for the access log
+        self._decode_s = prepared.decode_s if self._decode_s <= 0 else 0.8 * self._decode_s + 0.2 * prepared.decode_s
         return prepared
 
-    async def infer_upload(self, upload: Upload) -> tuple[PreparedImage, ImageResult]:
-        """One encoded image: decode -> batch; its share of the batch's output. Every front end's path."""
+    async def infer_upload(self, upload: Upload, ticket: Ticket) -> tuple[PreparedImage, ImageResult]:
+        """One encoded image: decode -> batch; its share of the batch's output, within `ticket`'s deadline
+        (dropped wherever it is once that passes). Every front end's path for encoded files."""
         _, batcher = self.ready()
         with batcher.incoming():
-            prepared = await self.decode(upload)
-            future = batcher.submit(prepared.pixels)
-        return prepared, await future
+            prepared = await ticket.wait(self.decode(upload, ticket.deadline), "decode")
+            ticket.check("joining a batch")
+            future = batcher.submit(prepared.pixels, deadline=ticket.deadline)
+        result = await ticket.wait(future, "inference")
+        ticket.check("encoding the result")
+        return prepared, result
 
-    async def infer_pixels(self, pixels: np.ndarray) -> ImageResult:
+    async def infer_pixels(self, pixels: np.ndarray, ticket: Ticket) -> ImageResult:
         """One image already at the model's input (uint8 [H, W, 3], KServe v2 `images`) -> batch."""
         _, batcher = self.ready()
-        return await batcher.submit(pixels)
+        ticket.check("joining a batch")
+        result = await ticket.wait(batcher.submit(pixels, deadline=ticket.deadline), "inference")
+        ticket.check("encoding the result")
+        return result
 
-    async def detect(self, upload: Upload, options: DetectOptions, received_at: float) -> dict[str, Any]:
-        """One image: decode -> batch -> detections; the response body as a dict (schemas.DetectResponse)."""
+    async def detect(
+        self, upload: Upload, options: DetectOptions, received_at: float | None = None, *, ticket: Ticket | None = None
+    ) -> dict[str, Any]:
+        """One image: decode -> batch -> detections; the response body as a dict (schemas.DetectResponse).
+
+        `ticket` (from `self.admission.admit()`) carries the end-to-end deadline; without one the deadline is
+        request_timeout_ms from `received_at` (not admitted: the caller bypasses the in-flight bound)."""
         metadata, _ = self.ready()
-        prepared, result = await self.infer_upload(upload)
+        if ticket is None:
+            ticket = self.admission.untracked(received_at)
+        prepared, result = await self.infer_upload(upload, ticket)
         detections = select_detections(
             result.num_detections,
             result.boxes,
@@ -228,6 +257,13 @@ class Pipeline:
                 "decode": round(prepared.decode_s * 1000, 3),
                 "queue": round(result.queue_s * 1000, 3),
                 "inference": round(result.inference_s * 1000, 3),
-                "total": round((time.perf_counter() - received_at) * 1000, 3),
+                "total": round((time.perf_counter() - ticket.arrived_at) * 1000, 3),
             },
         }
+
+
+def _preprocess_before(deadline: float | None, needed_s: float, *args: Any, **kwargs: Any) -> PreparedImage:
+    """`preprocess`, unless the request can no longer finish (`needed_s` more) before its deadline."""
+    if deadline is not None and time.perf_counter() + needed_s > deadline:
+        raise RequestTimeout("the request's deadline would pass before its decode and inference end")
+    return preprocess(*args, **kwargs)

@@ -98,6 +98,8 @@ def _decode(
         raise InvalidImage(f"the image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise ImageTooLarge(f"the image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    if image.format == "JPEG":
+        check_jpeg_data_length(data)
     try:
         drafted = draft_for is not None and image.format == "JPEG" and _draft(image, draft_for)
         image.load()
@@ -110,6 +112,64 @@ def _decode(
     if image.size != stored:  # a quarter turn (orientations 5-8) swapped the sides
         width, height = height, width
     return image, (width, height)
+
+
+_BASELINE_SOF = frozenset({0xC0, 0xC1})  # sequential Huffman: every block costs >= 2 bits (DC code + EOB)
+_PROGRESSIVE_SOF = 0xC2  # progressive Huffman: the first DC scan costs >= 1 bit per block of a component
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI: markers without a length
+
+
+def check_jpeg_data_length(data: bytes) -> None:
+    """InvalidImage for a JPEG whose compressed data is too short to hold the blocks its header declares.
+
+    libjpeg decodes a file that ends (with an EOI marker) before its last block as if the rest were grey, and
+    PIL reports no error, so a 6000x6000 header with a few KB of data would be decoded and answered 200; a file
+    cut without an EOI is already refused (truncated). Huffman codes are at least one bit, so a baseline scan
+    needs >= 2 bits per 8x8 block and a progressive one >= 1 bit per block of its first component: below that
+    the data cannot be complete. A sound bound, never a guess (a complete file always passes); a file cut
+    further in still decodes with a grey tail, as in any viewer. Other JPEG kinds (arithmetic, lossless) pass.
+    """
+    frame: tuple[int, int, int, list[tuple[int, int]]] | None = None  # (marker, width, height, sampling)
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return  # not a marker where one must be: PIL's decoder judges
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        segment = data[pos + 4 : pos + 2 + length]
+        if marker in (*_BASELINE_SOF, _PROGRESSIVE_SOF) and len(segment) >= 6:
+            height, width, count = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big"), segment[5]
+            factors = segment[7 : 7 + 3 * count : 3]  # one byte per component: h << 4 | v
+            sampling = [(factor >> 4, factor & 15) for factor in factors]
+            frame = (marker, width, height, sampling)
+        if marker == 0xDA:  # start of scan: entropy-coded data follows the header
+            if frame is None or not frame[3]:
+                return
+            kind, width, height, sampling = frame
+            h_max, v_max = max(h for h, _ in sampling) or 1, max(v for _, v in sampling) or 1
+            blocks = [  # per component: ceil(ceil(W * h / Hmax) / 8) * ceil(ceil(H * v / Vmax) / 8)
+                _ceil_div(_ceil_div(width * h, h_max), 8) * _ceil_div(_ceil_div(height * v, v_max), 8)
+                for h, v in sampling
+            ]
+            need_bits = 2 * sum(blocks) if kind in _BASELINE_SOF else blocks[0]
+            have_bits = 8 * (len(data) - (pos + 2 + length))
+            if have_bits < need_bits:
+                raise InvalidImage(
+                    f"the JPEG data ends early: {width}x{height} needs at least {need_bits // 8} bytes of "
+                    f"compressed data, the file has {max(have_bits // 8, 0)}"
+                )
+            return
+        pos += 2 + length
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height

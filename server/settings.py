@@ -44,7 +44,35 @@ class Settings(BaseSettings):
     )
     max_queue_size: int = Field(256, ge=1, description="images waiting for the engine; beyond it: 503")
     request_timeout_ms: float = Field(
-        10_000, gt=0, description="an image that waited longer than this is answered 504, never inferred"
+        10_000,
+        gt=0,
+        description="end-to-end deadline from arrival, every stage included: past it the request is answered 504 "
+        "and its work dropped (a client may ask for less: X-Request-Timeout-Ms header or timeout_ms query)",
+    )
+    max_in_flight: int = Field(
+        0,
+        ge=0,
+        description="images admitted at once, from arrival to response; beyond it: 503 + Retry-After before the "
+        "body is read (0: max_queue_size, so the batcher's queue never overflows after a decode)",
+    )
+    drain_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="on SIGTERM/SIGINT: /readyz answers 503 at once and requests are still served this long, then "
+        "the listener closes and in-flight requests finish (0: stop accepting at once)",
+    )
+    client_timeout_s: float = Field(
+        30.0, gt=0, description="time a client has to send a whole request, headers and body (408, then closed)"
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle connection is closed after this long")
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="open connections at most (503, then closed, beyond; uvicorn's limit_concurrency); "
+        "0: 1000, or fewer to stay 64 below the process's open-file limit",
+    )
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="largest request line + headers (431 beyond)"
     )
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body (413 beyond)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height (413 beyond)")
@@ -137,6 +165,27 @@ class Settings(BaseSettings):
     def model_file(self) -> Path:
         """The first model: /detect's default, and the one a `for_model` copy serves."""
         return self.model[0]
+
+    @property
+    def effective_max_in_flight(self) -> int:
+        # max_queue_size by default: everything admitted fits the batcher's queue, so no request is refused after
+        # its decode was paid for, and after a flood at most max_queue_size images stand between a new request
+        # and the engine. A bound above it (queue + batch + decode threads) lets each finished batch admit more
+        # images than the queue can take, which are then decoded only to be refused (slow 503s, wasted CPU).
+        # benchmarks/overload.py --set max_in_flight=N compares other bounds.
+        return self.max_in_flight or self.max_queue_size
+
+    @property
+    def effective_max_connections(self) -> int:
+        if self.max_connections:
+            return self.max_connections
+        try:
+            import resource
+
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (ImportError, OSError, ValueError):  # not a POSIX system
+            return 1000
+        return 1000 if soft == resource.RLIM_INFINITY else max(16, min(1000, soft - 64))
 
     @property
     def is_default_model(self) -> bool:

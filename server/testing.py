@@ -99,6 +99,7 @@ def server_env(settings: Mapping[str, object], extra_env: Mapping[str, str] | No
     if "SSD_WEIGHTS_MIRROR" not in env and mirror.is_dir():
         env["SSD_WEIGHTS_MIRROR"] = str(mirror)
     env.update({"PYTHONUNBUFFERED": "1", "SSD_HOST": "127.0.0.1", "SSD_PORT": "0", "SSD_GRPC_PORT": "0"})
+    env.setdefault("SSD_DRAIN_SECONDS", "0")  # test servers stop at once unless a test asks for a drain
     for name, value in settings.items():
         env[f"SSD_{name.upper()}"] = str(value)
     env.update(extra_env or {})

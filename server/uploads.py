@@ -20,7 +20,9 @@ from server.errors import (
     EmptyBody,
     InvalidImage,
     MissingField,
+    PartTooLarge,
     PayloadTooLarge,
+    TooManyFields,
     TooManyImages,
     UnsupportedMediaType,
     with_request_id,
@@ -82,6 +84,10 @@ async def _form(request: Request, max_files: int) -> FormData:
         detail = str(exc.detail) if isinstance(exc, HTTPException) else exc.message
         if "Too many files" in detail:
             raise TooManyImages(f"too many images in one request; the limit is {max_files}") from None
+        if "Too many fields" in detail:
+            raise TooManyFields(f"too many multipart fields: {detail}") from None
+        if "exceeded maximum size" in detail:  # "Part ..." / "Field ...": a text field over max_part_size
+            raise PartTooLarge(f"a multipart text field is too large: {detail}") from None
         raise InvalidImage(f"malformed multipart body: {detail}") from None
 
 

@@ -13,6 +13,7 @@ refused on CUDA: its QLinearConv arithmetic is bit-exact on the CPU only.
 from __future__ import annotations
 
 import re
+import os
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,12 @@ class OnnxRuntimeEngine:
         self._cuda_device: int | None = None
 
     def load(self, path: Path, options: EngineOptions) -> ModelMetadata:
+        # ONNX Runtime's telemetry writes ~/.cache/Microsoft/DeveloperTools/.onnxruntime/onnxruntime.db when its
+        # environment is created (on import); the variable stops that, the API call any later events.
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import onnxruntime as ort
+
+        ort.disable_telemetry_events()
 
         if not path.is_file():
             raise EngineLoadError(f"model file not found: {path}")

@@ -89,7 +89,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=self.models.status != "failed")
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:  # noqa: N802
-        return pb.ServerReadyResponse(ready=self.models.status == "ready")
+        return pb.ServerReadyResponse(ready=self.models.status == "ready" and not self.models.admission.draining)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:  # noqa: N802
         async with self._call(context, "ModelReady"):
@@ -121,7 +121,9 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         async with self._call(context, "ModelInfer"):
             pipeline = self.models.get(request.model_name)
             service.check_version(request.model_name, request.model_version)
-            outputs = await service.infer(pipeline, infer_request(request))
+            remaining_s = context.time_remaining()  # the client's gRPC deadline, if it set one
+            with self.models.admission.admit(None if remaining_s is None else max(remaining_s * 1000, 1.0)) as ticket:
+                outputs = await service.infer(pipeline, infer_request(request), ticket)
             return pb.ModelInferResponse(
                 model_name=request.model_name,
                 model_version=service.MODEL_VERSION,

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
+from server.admission import RequestedTimeout, admitted
 from server.errors import ServerError
 from server.models import ModelRegistry
 from server.v2 import codec, service
@@ -73,7 +74,8 @@ async def live(request: Request) -> Response:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> Response:
-    ok = _models(request).status == "ready"
+    models = _models(request)
+    ok = models.status == "ready" and not models.admission.draining  # 503 from the first moment of a drain
     return Response(status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "1"})
 
 
@@ -96,8 +98,12 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 
 @router.post("/models/{name}/infer")
 @router.post("/models/{name}/versions/{version}/infer")
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
+async def infer(
+    request: Request, name: str, version: str | None = None, timeout_ms: float | None = RequestedTimeout
+) -> Response:
     """One v2 inference request; every element joins the dynamic batcher on its own."""
+    ticket = admitted(request.scope)  # by the app's AdmissionMiddleware, at arrival
+    ticket.shorten(timeout_ms)
     pipeline = _models(request).get(name)
     service.check_version(name, version)
     body, header_length = await request.body(), request.headers.get(codec.HEADER_LENGTH)
@@ -106,7 +112,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         infer_request = await loop.run_in_executor(None, codec.parse_http_request, body, header_length)
     else:
         infer_request = codec.parse_http_request(body, header_length)
-    outputs = await service.infer(pipeline, infer_request)
+    outputs = await service.infer(pipeline, infer_request, ticket)
     default_binary = infer_request.parameters.get("binary_data_output") is True
     asked = {output.name: output.binary for output in infer_request.outputs}
     binary = {t.name for t in outputs if (default_binary if asked.get(t.name) is None else asked[t.name])}

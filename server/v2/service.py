@@ -70,8 +70,9 @@ def model_metadata(name: str, pipeline: Pipeline) -> dict[str, Any]:
     }
 
 
-async def infer(pipeline: Pipeline, request: InferRequest) -> list[Tensor]:
-    """Run a v2 request: every element through the pipeline; the requested outputs, in the order asked."""
+async def infer(pipeline: Pipeline, request: InferRequest, ticket: Ticket) -> list[Tensor]:
+    """Run a v2 request: every element through the pipeline, within the admitted `ticket`'s deadline; the
+    requested outputs, in the order asked."""
     metadata, _ = pipeline.ready()
     options = pipeline.options(
         _parameter(request.parameters, "score_threshold", (int, float)),
@@ -82,12 +83,13 @@ async def infer(pipeline: Pipeline, request: InferRequest) -> list[Tensor]:
     if unknown:
         raise InvalidTensor(f"unknown output {unknown[0]!r}; the model's outputs are {', '.join(OUTPUTS)}")
     tensor = _the_input(request, metadata, pipeline.settings.max_images_per_request)
+    ticket.reserve(len(tensor.data))  # the request holds one image per element (server.admission)
     if tensor.name == ENCODED_INPUT:
         assert isinstance(tensor.data, list)
-        jobs = [_second(pipeline.infer_upload(Upload(data=item, content_type=None))) for item in tensor.data]
+        jobs = [_second(pipeline.infer_upload(Upload(data=item, content_type=None), ticket)) for item in tensor.data]
     else:
         assert isinstance(tensor.data, np.ndarray)
-        jobs = [pipeline.infer_pixels(pixels) for pixels in tensor.data]
+        jobs = [pipeline.infer_pixels(pixels, ticket) for pixels in tensor.data]
     outcomes = await asyncio.gather(*jobs, return_exceptions=True)
     results: list[ImageResult] = []
     for index, outcome in enumerate(outcomes):

@@ -153,6 +153,45 @@ def test_requests_left_waiting_past_the_timeout_never_reach_the_engine() -> None
     assert engine.batches == [[1], [3]]
 
 
+def test_an_image_past_its_requests_deadline_never_joins_a_batch() -> None:
+    engine = RecordingEngine()
+    engine.gate.clear()
+
+    async def scenario() -> None:
+        batcher, _ = make(engine, max_batch_size=1, request_timeout_s=10)
+        batcher.start()
+        running = batcher.submit(image(1))
+        await asyncio.get_running_loop().run_in_executor(None, engine.entered.wait, 5)
+        late = batcher.submit(image(2), deadline=time.perf_counter() + 0.1)  # the request's own, shorter deadline
+        on_time = batcher.submit(image(3), deadline=time.perf_counter() + 10)
+        await asyncio.sleep(0.3)
+        engine.gate.set()
+        assert (await running).num_detections == 1
+        with pytest.raises(RequestTimeout, match="deadline"):
+            await late
+        assert (await on_time).num_detections == 3
+
+    run(scenario())
+    assert engine.batches == [[1], [3]]
+
+
+def test_a_batch_is_not_grown_past_what_ends_before_its_deadlines() -> None:
+    engine = RecordingEngine(delay_s=0.1)  # 0.1 s a batch, whatever its size
+
+    async def scenario() -> list[object]:
+        batcher, _ = make(engine, max_batch_size=8, max_queue_delay_s=0.05, request_timeout_s=10)
+        batcher.start()
+        await batcher.submit(image(1))  # calibrates: 0.1 s per image
+        deadline = time.perf_counter() + 0.25
+        futures = [batcher.submit(image(marker), deadline=deadline) for marker in (2, 3, 4, 5)]
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    outcomes = run(scenario())
+    assert engine.batches[:2] == [[1], [2, 3]]  # 2 x 0.1 s fit in 0.25 s; 4 images would not
+    assert isinstance(outcomes[-1], RequestTimeout)  # could no longer finish in time: never inferred
+    assert all(5 not in batch for batch in engine.batches)
+
+
 def test_an_engine_failure_fails_only_its_batch() -> None:
     engine = RecordingEngine(fail_marker=13)
 

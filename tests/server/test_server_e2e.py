@@ -367,12 +367,14 @@ def test_a_flood_beyond_the_queue_gets_503_with_retry_after_then_normal_service(
         responses = asyncio.run(flood())
         codes = [r.status_code for r in responses]
         refused = [r for r in responses if r.status_code == 503]
-        assert set(codes) <= {200, 503} and refused and codes.count(200) >= 3, codes
-        for r in refused:
-            assert r.headers["retry-after"] == "1" and r.json()["error"] == "queue_full"
+        assert set(codes) <= {200, 503} and refused and codes.count(200) >= 2, codes  # in flight: the queue of 2
+        for r in refused:  # refused at arrival (overloaded) or, rarely, at the queue after decode
+            assert r.headers["retry-after"] == "1" and r.json()["error"] in ("overloaded", "queue_full")
         after = metric_samples(c)
-        assert value(after, "ssd_rejected_requests_total", reason="queue_full") - value(
-            before, "ssd_rejected_requests_total", reason="queue_full"
+        assert sum(
+            value(after, "ssd_rejected_requests_total", reason=reason)
+            - value(before, "ssd_rejected_requests_total", reason=reason)
+            for reason in ("overloaded", "queue_full")
         ) == len(refused)
         assert value(after, "ssd_batch_size_bucket", le="1.0", model=MODEL) == value(
             after, "ssd_batch_size_count", model=MODEL
