@@ -19,7 +19,8 @@ cv2 = pytest.importorskip("cv2")
 
 from server.engines.torch_gpu import capture_sizes, graph_size_for  # noqa: E402
 from server.gpu_preprocess import GpuDecoder, JpegHeader, orient, read_header, resize_to_input  # noqa: E402
-from server.preprocess import preprocess, resize_bilinear  # noqa: E402
+from model_export.contract.image import resize_bilinear  # noqa: E402
+from server.preprocess import preprocess  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 PHOTOS = sorted((SHARED / "voc2012_sample" / "JPEGImages").glob("*.jpg"))[:6]
