@@ -72,7 +72,7 @@ def export_onnx(
         # The TorchScript-based exporter is the one that carries custom symbolics (our NonMaxSuppression).
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        _trace(module, (example,), tmp, [INPUT_NAME], dynamic, opset)
+        _trace(module, (example,), tmp, [INPUT_NAME], dynamic, opset, {FALLBACK_DOMAIN: 1})
         proto = onnx.load(str(tmp))
         if module.postprocess.has_fallback:
             splice_fallback(proto, _trace_full_path(module.postprocess, opset))
@@ -93,6 +93,7 @@ def _trace(
     input_names: list[str],
     dynamic: dict[str, dict[int, str]],
     opset: int,
+    custom_opsets: dict[str, int] | None = None,
 ) -> None:
     with torch.no_grad():
         torch.onnx.export(
@@ -105,7 +106,7 @@ def _trace(
             output_names=list(OUTPUT_NAMES),
             dynamic_axes=dynamic,
             do_constant_folding=True,
-            custom_opsets={FALLBACK_DOMAIN: 1},
+            custom_opsets=custom_opsets,  # the If placeholder's domain (model_export.onnx_fallback)
             # Our autograd Functions all have a `symbolic`: no need to trace their eager bodies (which
             # the TorchScript peephole pass can trip over, e.g. on the integer conv's `- 0`).
             autograd_inlining=False,
