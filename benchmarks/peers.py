@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=10, help="wrk duration per concurrency level (default 10)")
     p.add_argument("--image", type=Path, help="JPEG to send (default: the first shared photo at 640x480)")
     args = p.parse_args(argv)
-    problems = [f"no {what} at {path}" for what, path in (("side-by-side script", SCRIPT), ("peers Python", args.peers_python))
-                if not path.exists()]
+    needed = (("side-by-side script", SCRIPT), ("peers Python", args.peers_python))
+    problems = [f"no {what} at {path}" for what, path in needed if not path.exists()]
     if shutil.which("wrk") is None:
         problems.append("wrk is not on PATH")
     if problems:

@@ -14,8 +14,9 @@ Numerics, two modes:
   into an integer QLinearConv: the same arithmetic, at int8 speed. The weights travel as int8 (w - 128, zero
   point - 128: the same differences w - zero_point, so the same accumulator), which makes the QLinearConv u8 x s8,
   the form whose x86 kernels use the VNNI dot product. On x86 CPUs with AVX2 but no VNNI, ONNX Runtime's u8 x s8
-  kernel sums pairs of products in saturating int16 (its documented caveat), which can differ from LiteRT. Activations travel between ops as
-  their dequantised float values, so every other op and the post-processing see ordinary floats.
+  kernel sums pairs of products in saturating int16 (its documented caveat), which can differ from LiteRT.
+  Activations travel between ops as their dequantised float values, so every other op and the post-processing
+  see ordinary floats.
 
 Layout: the graph runs NCHW internally (PyTorch's convs); 4-D tensors are tagged "nchw" or "nhwc" and
 converted only where an op's semantics depend on it (RESHAPE/SQUEEZE and axis-based ops see NHWC, as TFLite).
