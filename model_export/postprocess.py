@@ -147,6 +147,14 @@ class _FullPathIfNeeded(torch.autograd.Function):
         return outputs
 
 
+def _rows(boxes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """boxes [B, N, 4], index [B, M] -> boxes[b, index[b, m]] as [B, M, 4]: one Gather of whole rows (a GatherElements
+    over an expanded index costs ONNX Runtime several times more)."""
+    batch, count = boxes.shape[0], boxes.shape[1]
+    flat = index + torch.arange(batch, device=index.device).unsqueeze(1) * count  # [B, M] into B*N
+    return boxes.reshape(-1, 4).index_select(0, flat.reshape(-1)).reshape(batch, -1, 4)
+
+
 def class_offsets(class_index: torch.Tensor, num_classes: int) -> torch.Tensor:
     """[...] class indices -> [..., 4] whole-number (x, y, x, y) shifts: class c's cell on a ceil(sqrt(C)) grid.
 
@@ -177,6 +185,8 @@ class SSDPostprocess(nn.Module):
         if options.candidates_per_class < 1 or options.max_detections < 1:
             raise ValueError("candidates_per_class and max_detections must be >= 1")
         self.num_classes = len(model.score_columns)
+        # Row c: class c's (x, y, x, y) shift, looked up per candidate (one Gather of whole rows).
+        self.register_buffer("offsets", class_offsets(torch.arange(self.num_classes), self.num_classes), persistent=False)
         self.num_anchors = int(model.anchors.shape[0])
         self.fast_candidates = min(FAST_PATH_CANDIDATES, self.num_classes * self.num_anchors)
         # When P covers every (class, anchor) pair, the fast path is always exact: no full path, no `If`.
@@ -213,14 +223,14 @@ class SSDPostprocess(nn.Module):
         num_classes, num_anchors = self.num_classes, self.num_anchors
         top_scores, top_index = _TopK.apply(scores.reshape(batch, -1), self.fast_candidates)  # [B, P], class-major
         top_class = torch.div(top_index, num_anchors, rounding_mode="floor")  # [B, P]
-        top_boxes = boxes.gather(1, (top_index % num_anchors).unsqueeze(2).expand(-1, -1, 4))  # [B, P, 4]
+        top_boxes = _rows(boxes, top_index % num_anchors)  # [B, P, 4]
         nms_scores = top_scores
         if self.fast_candidates > opts.candidates_per_class:  # the per-class cap may bind inside the best P
             same_class = (top_class.unsqueeze(2) == torch.arange(num_classes, device=scores.device)).to(torch.int32)
             rank = same_class.cumsum(dim=1).gather(2, top_class.unsqueeze(2)).squeeze(2)  # 1-based, within its class
             nms_scores = torch.where(rank > opts.candidates_per_class, -1.0, top_scores)  # -1: never a candidate
         selected = _ImageNMS.apply(
-            top_boxes + class_offsets(top_class, num_classes),
+            top_boxes + self.offsets[top_class],
             nms_scores.unsqueeze(1),
             opts.max_detections,
             opts.iou_threshold,
@@ -240,10 +250,10 @@ class SSDPostprocess(nn.Module):
         per_class = min(opts.candidates_per_class, self.num_anchors)  # T
         cand_scores, cand_index = _TopK.apply(scores, per_class)  # [B, K, T]
         cand_scores = cand_scores.reshape(batch, -1)  # [B, K*T], class-major
-        cand_boxes = boxes.gather(1, cand_index.reshape(batch, -1, 1).expand(-1, -1, 4))  # [B, K*T, 4]
+        cand_boxes = _rows(boxes, cand_index.reshape(batch, -1))  # [B, K*T, 4]
         cand_class = torch.arange(self.num_classes, device=scores.device).repeat_interleave(per_class)  # [K*T]
         selected = _ImageNMS.apply(
-            cand_boxes + class_offsets(cand_class, self.num_classes),
+            cand_boxes + self.offsets[cand_class],
             cand_scores.unsqueeze(1),
             opts.max_detections,
             opts.iou_threshold,
