@@ -72,9 +72,10 @@ def export_onnx(
         # The TorchScript-based exporter is the one that carries custom symbolics (our NonMaxSuppression).
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        _trace(module, (example,), tmp, [INPUT_NAME], dynamic, opset, {FALLBACK_DOMAIN: 1})
+        fallback = module.postprocess.has_fallback
+        _trace(module, (example,), tmp, [INPUT_NAME], dynamic, opset, {FALLBACK_DOMAIN: 1} if fallback else None)
         proto = onnx.load(str(tmp))
-        if module.postprocess.has_fallback:
+        if fallback:
             splice_fallback(proto, _trace_full_path(module.postprocess, opset))
         proto.doc_string = f"ssd-serve export of {model.name}"
         entry = proto.metadata_props.add()
