@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=_positive_int_list, default=(1, 8))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=2.0, help="per run (default 2)")
+    p.add_argument("--allow-spinning", action="store_true",
+                   help="let ORT's intra-op threads busy-wait (the server turns it off: its decode threads need the cores)")
     args = p.parse_args(argv)
     for path in (args.onnx, args.tflite):
         if not path.is_file():
@@ -55,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     from server.engines.onnxruntime import session_options_for
     from server.preprocess import preprocess
 
-    session = ort.InferenceSession(str(args.onnx), session_options_for(ort, args.threads),
-                                   providers=["CPUExecutionProvider"])
+    options = session_options_for(ort, args.threads)
+    if args.allow_spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    session = ort.InferenceSession(str(args.onnx), options, providers=["CPUExecutionProvider"])
     size = tuple(session.get_inputs()[0].shape[1:3])
     photos = [preprocess(data, size).pixels for data in load_input_set("photos").images]
     interpreter = Interpreter(model_path=str(args.tflite), num_threads=args.threads)
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             runs[f"onnxruntime batch {b}"].append(_rate(ort_step(b), b, args.seconds))
         runs["litert batch 1"].append(_rate(litert_step, 1, args.seconds))
     litert = statistics.median(runs["litert batch 1"])
-    print(f"{args.threads} threads, {args.rounds} interleaved rounds of {args.seconds:g} s, pre-decoded {size} photos")
+    spinning = "spinning" if args.allow_spinning else "no spinning"
+    print(f"{args.threads} threads (ORT: {spinning}), {args.rounds} interleaved rounds of {args.seconds:g} s, pre-decoded {size} photos")
     print("| engine | img/s median | range | vs LiteRT |\n|---|---:|---:|---:|")
     for name, rates in runs.items():
         median = statistics.median(rates)
