@@ -15,8 +15,12 @@ class ExportableSSD(nn.Module):
     def __init__(self, model: SSDModel, options: PostprocessOptions) -> None:
         super().__init__()
         self.network = model.network.eval()
-        mean = torch.tensor(model.mean, dtype=torch.float32).reshape(1, 3, 1, 1)
-        std = torch.tensor(model.std, dtype=torch.float32).reshape(1, 3, 1, 1)
+        # The same value for every channel (as TFLite's models have) stays a scalar: ONNX Runtime broadcasts a
+        # [1, 1, 1, 3] operand over NHWC pixels three values at a time, far slower than a scalar.
+        uniform = len(set(model.mean)) == 1 and len(set(model.std)) == 1
+        shape = () if uniform else (1, 3, 1, 1)
+        mean = torch.tensor(model.mean[:1] if uniform else model.mean, dtype=torch.float32).reshape(shape)
+        std = torch.tensor(model.std[:1] if uniform else model.std, dtype=torch.float32).reshape(shape)
         # (x - mean) / std folded into one multiply-add.
         self.register_buffer("scale", 1.0 / std, persistent=False)
         self.register_buffer("shift", -mean / std, persistent=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import warnings
@@ -15,6 +16,8 @@ import torch
 from model_export.errors import ExportError
 from model_export.exportable import ExportableSSD
 from model_export.contract.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ModelMetadata, sidecar_path
+from model_export.onnx_fallback import splice_fallback
+from model_export.postprocess import FALLBACK_DOMAIN, SSDPostprocess
 from model_export.spec import PostprocessOptions, SSDModel
 
 DEFAULT_OPSET = 17
@@ -69,22 +72,11 @@ def export_onnx(
         # The TorchScript-based exporter is the one that carries custom symbolics (our NonMaxSuppression).
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        with torch.no_grad():
-            torch.onnx.export(
-                module,
-                (example,),
-                str(tmp),
-                dynamo=False,
-                opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
-                dynamic_axes=dynamic,
-                do_constant_folding=True,
-                # Our autograd Functions all have a `symbolic`: no need to trace their eager bodies (which
-                # the TorchScript peephole pass can trip over, e.g. on the integer conv's `- 0`).
-                autograd_inlining=False,
-            )
+        fallback = module.postprocess.has_fallback
+        _trace(module, (example,), tmp, [INPUT_NAME], dynamic, opset, {FALLBACK_DOMAIN: 1} if fallback else None)
         proto = onnx.load(str(tmp))
+        if fallback:
+            splice_fallback(proto, _trace_full_path(module.postprocess, opset))
         proto.doc_string = f"ssd-serve export of {model.name}"
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, metadata.to_json()
@@ -93,3 +85,51 @@ def export_onnx(
         with atomic_output(sidecar_path(out)) as side:
             side.write_text(metadata.to_json() + "\n")
     return metadata
+
+
+def _trace(
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    out: Path | io.BytesIO,
+    input_names: list[str],
+    dynamic: dict[str, dict[int, str]],
+    opset: int,
+    custom_opsets: dict[str, int] | None = None,
+) -> None:
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            example,
+            out if isinstance(out, io.BytesIO) else str(out),
+            dynamo=False,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+            custom_opsets=custom_opsets,  # the If placeholder's domain (model_export.onnx_fallback)
+            # Our autograd Functions all have a `symbolic`: no need to trace their eager bodies (which
+            # the TorchScript peephole pass can trip over, e.g. on the integer conv's `- 0`).
+            autograd_inlining=False,
+        )
+
+
+class _FullPath(torch.nn.Module):
+    def __init__(self, postprocess: SSDPostprocess) -> None:
+        super().__init__()
+        self.postprocess = postprocess
+
+    def forward(self, scores: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.postprocess.full_path(scores, boxes)
+
+
+def _trace_full_path(postprocess: SSDPostprocess, opset: int) -> onnx.ModelProto:
+    """The post-processing's full path alone, (scores [B, K, N], boxes [B, N, 4]) -> the contract outputs."""
+    example = (
+        torch.zeros((2, postprocess.num_classes, postprocess.num_anchors)),
+        torch.zeros((2, postprocess.num_anchors, 4)),
+    )
+    dynamic = {"scores": {0: "batch"}, "boxes": {0: "batch"}} | {name: {0: "batch"} for name in OUTPUT_NAMES}
+    buffer = io.BytesIO()
+    _trace(_FullPath(postprocess).eval(), example, buffer, ["scores", "boxes"], dynamic, opset)
+    return onnx.load_from_string(buffer.getvalue())

@@ -1,12 +1,25 @@
-"""SSD post-processing as one traceable module: decode -> per-class filter -> batched NMS -> top K.
+"""SSD post-processing as one traceable module: decode -> per-class filter -> NMS -> top K.
 
 Semantics are those of torchvision's `SSD.postprocess_detections` (and the paper):
 for each non-background class keep scores > score_threshold, at most `candidates_per_class` of them,
-NMS per class at IoU > iou_threshold, then the `max_detections` best across classes.
+NMS per class at IoU > iou_threshold, then the `max_detections` best across classes. Equal scores rank in
+(class column, anchor) order, which is ONNX TopK's stable order over class-major scores.
 
-Every step is a whole-tensor op, so the exported graph has no loop over images or classes. NMS is the
-standard ONNX `NonMaxSuppression` with the (image, class) pairs folded into its batch axis: each pair
-is its own NMS problem over its own candidates, which is exactly per-class NMS.
+The algorithm gives exactly that with one NMS problem per image (DESIGN.md, "Post-processing"):
+
+- Boxes of different classes never suppress each other: each class's boxes are shifted by a whole-number offset
+  on a grid of cells one unit apart (coordinates are in [0, 1]), so that boxes of two classes at most touch
+  (IoU 0). Per-class NMS becomes one NMS problem per image, and greedy NMS with at most K outputs stops once K
+  are kept, which are the top K.
+- Greedy NMS visits candidates in descending score, and a box's fate depends only on higher-scoring boxes of its
+  class. The fast path takes the image's best P candidates over all classes (one TopK), drops those past the
+  per-class cap inside them (their rank within their class), and runs NMS on the rest: that is a prefix of the
+  exact candidate sequence, so it is already the exact answer when it keeps K boxes, or when P covers every
+  candidate above the threshold. Otherwise (any image of the batch) an ONNX `If` takes the full path: per-class
+  TopK of `candidates_per_class`, then one NMS per image over all of them.
+
+Every step is a whole-tensor op: no loop over images or classes in the graph. The `If`'s else-branch is the full
+path traced on its own and spliced in by `model_export.onnx_fallback`.
 """
 
 from __future__ import annotations
@@ -18,6 +31,13 @@ import torchvision
 from torch import nn
 
 from model_export.spec import PostprocessOptions, SSDModel
+
+# P: the fast path's candidates per image. On 32 real photos through ssd_mobilenet_v1_coco (80 classes), NMS over
+# the best 2000 keeps >= 200 boxes on every one (the best 400 do on 5, the best 1000 on 25). TensorRT's TopK takes
+# K <= 3840.
+FAST_PATH_CANDIDATES = 2000
+FALLBACK_DOMAIN = "ssd_serve"
+FALLBACK_OP = "FullPathIfNeeded"  # the placeholder that model_export.onnx_fallback replaces with an `If`
 
 
 def decode_boxes(
@@ -67,46 +87,83 @@ class _TopK(torch.autograd.Function):
         return g.op("TopK", x, k, axis_i=-1, outputs=2)
 
 
-class _BatchedNMS(torch.autograd.Function):
-    """NMS over G independent groups; returns ONNX-style selected indices [M, 3] = (group, 0, index).
+class _ImageNMS(torch.autograd.Function):
+    """Greedy NMS, one problem per image: boxes [B, M, 4], scores [B, 1, M] -> selected [S, 3] = (image, 0, index).
 
-    In PyTorch it runs torchvision's NMS; in ONNX it becomes one `NonMaxSuppression` node.
+    Candidates are scores > score_threshold, visited in descending score, equal scores in index order; at most
+    `max_output` kept per image. In ONNX it is one standard `NonMaxSuppression` node (whose batch axis is the
+    images); in PyTorch one `torchvision.ops.nms` per image.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: object, boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, score_threshold: float
+        ctx: object,
+        boxes: torch.Tensor,
+        scores: torch.Tensor,
+        max_output: int,
+        iou_threshold: float,
+        score_threshold: float,
     ) -> torch.Tensor:
-        # boxes [G, T, 4], scores [G, 1, T]
-        per_group = scores.shape[2]
-        flat_scores = scores.reshape(-1)  # [G*T]
-        candidates = torch.nonzero(flat_scores > score_threshold).squeeze(1)  # [M0]
-        group_of = torch.div(candidates, per_group, rounding_mode="floor")
-        keep = torchvision.ops.batched_nms(
-            boxes.reshape(-1, 4)[candidates], flat_scores[candidates], group_of, iou_threshold
-        )
-        kept = candidates[keep]  # [M]
-        return torch.stack(
-            (torch.div(kept, per_group, rounding_mode="floor"), torch.zeros_like(kept), kept % per_group), dim=1
-        )
+        rows = []
+        for image in range(boxes.shape[0]):
+            image_scores = scores[image, 0]
+            candidates = torch.nonzero(image_scores > score_threshold).squeeze(1)
+            order = candidates[image_scores[candidates].sort(descending=True, stable=True).indices]
+            # Strictly decreasing stand-in scores: torchvision then visits exactly `order`, ties included.
+            rank = torch.arange(len(order), 0, -1, dtype=torch.float32, device=boxes.device)
+            kept = order[torchvision.ops.nms(boxes[image, order], rank, iou_threshold)[:max_output]]
+            rows.append(torch.stack((torch.full_like(kept, image), torch.zeros_like(kept), kept), dim=1))
+        return torch.cat(rows) if rows else torch.zeros((0, 3), dtype=torch.int64, device=boxes.device)
 
     @staticmethod
-    def symbolic(g, boxes, scores, iou_threshold: float, score_threshold: float):  # type: ignore[no-untyped-def]
-        max_per_class = g.op("Shape", boxes)  # T: NMS may keep every candidate of a group
-        max_per_class = g.op(
-            "Slice",
-            max_per_class,
-            g.op("Constant", value_t=torch.tensor([1])),
-            g.op("Constant", value_t=torch.tensor([2])),
-        )
+    def symbolic(g, boxes, scores, max_output: int, iou_threshold: float, score_threshold: float):  # type: ignore[no-untyped-def]
         return g.op(
             "NonMaxSuppression",
             boxes,
             scores,
-            max_per_class,
+            g.op("Constant", value_t=torch.tensor([max_output], dtype=torch.int64)),
             g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32)),
             g.op("Constant", value_t=torch.tensor([score_threshold], dtype=torch.float32)),
         )
+
+
+class _FullPathIfNeeded(torch.autograd.Function):
+    """Traced: the fast path's outputs. In ONNX: a placeholder node with the fast outputs and the full path's inputs,
+    which `model_export.onnx_fallback.splice_fallback` turns into `If(fast_ok, then: fast outputs, else: full path)`.
+    """
+
+    @staticmethod
+    def forward(ctx: object, fast_ok, num, boxes, scores, classes, all_boxes, all_scores):  # type: ignore[no-untyped-def, override]
+        return num, boxes, scores, classes
+
+    @staticmethod
+    def symbolic(g, fast_ok, num, boxes, scores, classes, all_boxes, all_scores):  # type: ignore[no-untyped-def]
+        outputs = g.op(
+            f"{FALLBACK_DOMAIN}::{FALLBACK_OP}", fast_ok, num, boxes, scores, classes, all_boxes, all_scores,
+            outputs=4,
+        )
+        for out, like in zip(outputs, (num, boxes, scores, classes), strict=True):
+            out.setType(like.type())
+        return outputs
+
+
+def _rows(boxes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """boxes [B, N, 4], index [B, M] -> boxes[b, index[b, m]] as [B, M, 4]: one Gather of whole rows (a GatherElements
+    over an expanded index costs ONNX Runtime several times more)."""
+    batch, count = boxes.shape[0], boxes.shape[1]
+    flat = index + torch.arange(batch, device=index.device).unsqueeze(1) * count  # [B, M] into B*N
+    return boxes.reshape(-1, 4).index_select(0, flat.reshape(-1)).reshape(batch, -1, 4)
+
+
+def class_offsets(class_index: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[...] class indices -> [..., 4] whole-number (x, y, x, y) shifts: class c's cell on a ceil(sqrt(C)) grid.
+
+    A 2-D grid keeps the shifted coordinates small (below 10 for 90 classes), so that they lose few bits.
+    """
+    side = math.isqrt(num_classes - 1) + 1
+    column = (class_index % side).to(torch.float32)
+    row = torch.div(class_index, side, rounding_mode="floor").to(torch.float32)
+    return torch.stack((column, row, column, row), dim=-1)
 
 
 class SSDPostprocess(nn.Module):
@@ -127,45 +184,111 @@ class SSDPostprocess(nn.Module):
             raise ValueError("iou_threshold must be within [0, 1]")
         if options.candidates_per_class < 1 or options.max_detections < 1:
             raise ValueError("candidates_per_class and max_detections must be >= 1")
+        self.num_classes = len(model.score_columns)
+        # Row c: class c's (x, y, x, y) shift, looked up per candidate (one Gather of whole rows).
+        self.register_buffer("offsets", class_offsets(torch.arange(self.num_classes), self.num_classes), persistent=False)
+        self.num_anchors = int(model.anchors.shape[0])
+        self.fast_candidates = min(FAST_PATH_CANDIDATES, self.num_classes * self.num_anchors)
+        # When P covers every (class, anchor) pair, the fast path is always exact: no full path, no `If`.
+        self.has_fallback = self.fast_candidates < self.num_classes * self.num_anchors
+
+    def scores_and_boxes(self, regression: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs -> (class-major scores [B, K, N] of the real classes, boxes [B, N, 4])."""
+        boxes = decode_boxes(regression, self.anchors, self.box_weights, self.scale_clamp)  # [B, N, 4]
+        # Class-major first, so that picking the real classes copies whole rows (a Gather along the last axis copies
+        # value by value); a sigmoid then only runs on the real classes.
+        if self.activation == "softmax":
+            return logits.softmax(dim=-1).transpose(1, 2).index_select(1, self.score_columns), boxes
+        return logits.transpose(1, 2).index_select(1, self.score_columns).sigmoid(), boxes
 
     def forward(
         self, regression: torch.Tensor, logits: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores, boxes = self.scores_and_boxes(regression, logits)
+        fast_ok, outputs = self.fast_path(scores, boxes)
+        if not self.has_fallback:
+            return outputs
+        if torch.onnx.is_in_onnx_export():
+            return _FullPathIfNeeded.apply(fast_ok, *outputs, scores, boxes)
+        if bool(fast_ok.all()):
+            return outputs
+        return self.full_path(scores, boxes)
+
+    def fast_path(
+        self, scores: torch.Tensor, boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """NMS over each image's best P candidates -> (whether that is exact for the whole batch, the outputs)."""
         opts = self.options
-        batch = regression.shape[0]
-        boxes = decode_boxes(regression, self.anchors, self.box_weights, self.scale_clamp)  # [B, N, 4]
-        probs = logits.softmax(dim=-1) if self.activation == "softmax" else logits.sigmoid()  # [B, N, C]
-        scores = probs.index_select(2, self.score_columns).transpose(1, 2)  # [B, K, N] K = real classes
-        num_classes, num_anchors = scores.shape[1], scores.shape[2]
-
-        per_class = min(opts.candidates_per_class, num_anchors)  # T
-        cand_scores, cand_index = _TopK.apply(scores, per_class)  # [B, K, T]
-        cand_boxes = boxes.gather(1, cand_index.reshape(batch, -1, 1).expand(-1, -1, 4))  # [B, K*T, 4]
-
-        selected = _BatchedNMS.apply(
-            cand_boxes.reshape(-1, per_class, 4),  # [B*K, T, 4]
-            cand_scores.reshape(-1, 1, per_class),  # [B*K, 1, T]
+        batch = scores.shape[0]
+        num_classes, num_anchors = self.num_classes, self.num_anchors
+        top_scores, top_index = _TopK.apply(scores.reshape(batch, -1), self.fast_candidates)  # [B, P], class-major
+        top_class = torch.div(top_index, num_anchors, rounding_mode="floor")  # [B, P]
+        top_boxes = _rows(boxes, top_index % num_anchors)  # [B, P, 4]
+        nms_scores = top_scores
+        if self.fast_candidates > opts.candidates_per_class:  # the per-class cap may bind inside the best P
+            same_class = (top_class.unsqueeze(2) == torch.arange(num_classes, device=scores.device)).to(torch.int32)
+            rank = same_class.cumsum(dim=1).gather(2, top_class.unsqueeze(2)).squeeze(2)  # 1-based, within its class
+            nms_scores = torch.where(rank > opts.candidates_per_class, -1.0, top_scores)  # -1: never a candidate
+        selected = _ImageNMS.apply(
+            top_boxes + self.offsets[top_class],
+            nms_scores.unsqueeze(1),
+            opts.max_detections,
             opts.iou_threshold,
             opts.score_threshold,
-        )  # [M, 3] = (b * K + k, 0, t)
-        flat_kept = selected[:, 0] * per_class + selected[:, 2]  # [M] into B*K*T
-        kept = torch.zeros_like(cand_scores).reshape(-1).scatter(0, flat_kept, 1.0)  # [B*K*T]
-        # Suppressed candidates get -1 so they sort below every kept score (all of which are > threshold >= 0).
-        ranked = torch.where(kept > 0, cand_scores.reshape(-1), -1.0).reshape(batch, -1)  # [B, K*T]
+        )
+        kept = self._kept(selected, batch, self.fast_candidates)  # [B, P]
+        # Exact when NMS kept K boxes, or when fewer than P scores pass the threshold (the best P hold them all).
+        exact = (kept.sum(dim=1) >= opts.max_detections) | (top_scores[:, -1] <= opts.score_threshold)  # [B]
+        return exact.all(), self._top(kept, nms_scores, top_boxes, top_class)
 
-        top = min(opts.max_detections, num_classes * per_class)
+    def full_path(
+        self, scores: torch.Tensor, boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-class TopK of `candidates_per_class`, then one NMS per image over all of them."""
+        opts = self.options
+        batch = scores.shape[0]
+        per_class = min(opts.candidates_per_class, self.num_anchors)  # T
+        cand_scores, cand_index = _TopK.apply(scores, per_class)  # [B, K, T]
+        cand_scores = cand_scores.reshape(batch, -1)  # [B, K*T], class-major
+        cand_boxes = _rows(boxes, cand_index.reshape(batch, -1))  # [B, K*T, 4]
+        cand_class = torch.arange(self.num_classes, device=scores.device).repeat_interleave(per_class)  # [K*T]
+        selected = _ImageNMS.apply(
+            cand_boxes + self.offsets[cand_class],
+            cand_scores.unsqueeze(1),
+            opts.max_detections,
+            opts.iou_threshold,
+            opts.score_threshold,
+        )
+        kept = self._kept(selected, batch, cand_scores.shape[1])
+        return self._top(kept, cand_scores, cand_boxes, cand_class.expand(batch, -1))
+
+    @staticmethod
+    def _kept(selected: torch.Tensor, batch: int, count: int) -> torch.Tensor:
+        """NMS's selected (image, 0, index) rows -> a [B, count] mask of kept candidates."""
+        flat = selected[:, 0] * count + selected[:, 2]
+        marks = torch.zeros((batch * count,), dtype=torch.float32, device=selected.device).scatter(0, flat, 1.0)
+        return marks.reshape(batch, count) > 0
+
+    def _top(
+        self, kept: torch.Tensor, cand_scores: torch.Tensor, cand_boxes: torch.Tensor, cand_class: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The K best kept candidates ([B, M] in class-major order) -> the contract's padded outputs."""
+        k = self.options.max_detections
+        # Suppressed candidates get -1 so they sort below every kept score (all of which are > threshold >= 0).
+        ranked = torch.where(kept, cand_scores, -1.0)  # [B, M]
+        top = min(k, ranked.shape[1])
         top_scores, top_index = _TopK.apply(ranked, top)  # [B, D]
         valid = top_scores >= 0  # [B, D]
         out_boxes = cand_boxes.gather(1, top_index.unsqueeze(2).expand(-1, -1, 4))  # [B, D, 4]
-        out_classes = self.class_ids[torch.div(top_index, per_class, rounding_mode="floor")]  # [B, D]
+        out_classes = self.class_ids[cand_class.gather(1, top_index)]  # [B, D]
 
         zero = torch.zeros((), dtype=torch.float32)
         out_scores = torch.where(valid, top_scores, zero)
         out_boxes = torch.where(valid.unsqueeze(2), out_boxes, zero)
         out_classes = torch.where(valid, out_classes, torch.zeros((), dtype=torch.int32))
         num_detections = valid.sum(dim=1).to(torch.int32)
-        if top < opts.max_detections:  # fewer candidates than K rows: pad to the contract's fixed K
-            pad = opts.max_detections - top
+        if top < k:  # fewer candidates than K rows: pad to the contract's fixed K
+            pad = k - top
             out_boxes = nn.functional.pad(out_boxes, (0, 0, 0, pad))
             out_scores = nn.functional.pad(out_scores, (0, pad))
             out_classes = nn.functional.pad(out_classes, (0, pad))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from model_export.contract.metadata import ModelMetadata
@@ -71,6 +72,7 @@ class Pipeline:
         self._decode_pool = ThreadPoolExecutor(
             max_workers=settings.effective_decode_workers, thread_name_prefix="decode"
         )
+        cv2.setNumThreads(1)  # the pool runs one image per thread: OpenCV's own threads would compete with it
         # Every front end admits its requests here, before reading them (server.admission); one Admission is
         # shared by every model of a server (server.models), so the bound is the server's.
         self.admission = admission or Admission(settings.effective_max_in_flight, settings.request_timeout_ms / 1000.0)

@@ -11,8 +11,12 @@ Numerics, two modes:
   in int32 and requantises as LiteRT's XNNPACK kernels do, float32(acc) * float32(s_in * s_w / s_out)
   rounded half to even; a requantising CONCATENATION / RESHAPE uses TFLite's own formula, as a 256-entry
   table. In ONNX a conv is QuantizeLinear / DequantizeLinear around a float Conv, which ONNX Runtime fuses
-  into an integer QLinearConv: the same arithmetic, at int8 speed. Activations travel between ops as
-  their dequantised float values, so every other op and the post-processing see ordinary floats.
+  into an integer QLinearConv: the same arithmetic, at int8 speed. The weights travel as int8 (w - 128, zero
+  point - 128: the same differences w - zero_point, so the same accumulator), which makes the QLinearConv u8 x s8,
+  the form whose x86 kernels use the VNNI dot product. On x86 CPUs with AVX2 but no VNNI, ONNX Runtime's u8 x s8
+  kernel sums pairs of products in saturating int16 (its documented caveat), which can differ from LiteRT.
+  Activations travel between ops as their dequantised float values, so every other op and the post-processing
+  see ordinary floats.
 
 Layout: the graph runs NCHW internally (PyTorch's convs); 4-D tensors are tagged "nchw" or "nhwc" and
 converted only where an op's semantics depend on it (RESHAPE/SQUEEZE and axis-based ops see NHWC, as TFLite).
@@ -456,7 +460,7 @@ class _ConvParams:
     so that the ONNX exporter can carry it to `_QuantizedConvFn.symbolic`."""
 
     x: Grid
-    w: Grid
+    w: Grid  # int8: zero point in [-128, 127]
     out: Grid
     stride: tuple[int, int]
     dilation: tuple[int, int]
@@ -496,11 +500,11 @@ class _QuantizedConvFn(torch.autograd.Function):
         def const(value: object, dtype: torch.dtype):  # type: ignore[no-untyped-def]
             return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
 
-        def grid(q: Grid):  # type: ignore[no-untyped-def]
-            return const(float(q.scale), torch.float32), const(q.zero_point, torch.uint8)
+        def grid(q: Grid, dtype: torch.dtype = torch.uint8):  # type: ignore[no-untyped-def]
+            return const(float(q.scale), torch.float32), const(q.zero_point, dtype)
 
         x = g.op("DequantizeLinear", g.op("QuantizeLinear", x, *grid(p.x)), *grid(p.x))
-        w = g.op("DequantizeLinear", weight, *grid(p.w))
+        w = g.op("DequantizeLinear", weight, *grid(p.w, torch.int8))
         b_scale = const(float(np.float32(p.x.scale * p.w.scale)), torch.float32)
         b = g.op("DequantizeLinear", bias, b_scale, const(0, torch.int32))
         left, right, top, bottom = p.pad
@@ -529,7 +533,7 @@ class QuantizedConv(nn.Module):
         super().__init__()
         self.params = params
         self.input_nhwc = input_nhwc
-        self.register_buffer("weight", torch.from_numpy(weight.astype(np.uint8)))  # [O, I / groups, kh, kw]
+        self.register_buffer("weight", torch.from_numpy(weight.astype(np.int8)))  # [O, I / groups, kh, kw], w - 128
         self.register_buffer("bias", torch.from_numpy(bias.astype(np.int32)))  # on the grid s_x * s_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -579,9 +583,11 @@ def _integer_conv(ctx: _Context, op: Operator) -> _Built:
     if weight.data is None or (bias is not None and (bias.data is None or bias.dtype != np.int32)):
         raise ExportError(f"{op.op} (operator {op.index}): integer numerics need constant uint8 weights, int32 bias")
     geo = _conv_geometry(ctx, op, weight.data, bias.data if bias is not None else None)
-    params = _ConvParams(x_grid, w_grid, out_grid, geo.stride, geo.dilation, geo.groups, geo.pad)
+    signed = Grid(w_grid.scale, w_grid.zero_point - 128, -128, 127)  # the same w - zero_point, as int8
+    params = _ConvParams(x_grid, signed, out_grid, geo.stride, geo.dilation, geo.groups, geo.pad)
     bias_q = geo.bias if geo.bias is not None else np.zeros(geo.weight.shape[0], np.int32)
-    module = QuantizedConv(geo.weight, bias_q, params, input_nhwc=ctx.layout.get(x) == "nhwc")
+    weight_s8 = (geo.weight.astype(np.int16) - 128).astype(np.int8)
+    module = QuantizedConv(weight_s8, bias_q, params, input_nhwc=ctx.layout.get(x) == "nhwc")
     return _Built(module, (x,), "nchw", _ANY)
 
 
