@@ -33,6 +33,9 @@ def test_cpu_plan_gives_each_replica_its_own_cores() -> None:
     if cores >= 3:
         plan, rest = cpu_plan(2, 1)
         assert len(plan[0]) == len(plan[1]) == 1 and not plan[0] & plan[1] and rest and not rest & (plan[0] | plan[1])
+    if cores >= 2:  # every core to a replica: nginx and the load generator share them all
+        plan, rest = cpu_plan(2, cores // 2)
+        assert not plan[0] & plan[1] and rest == set(os.sched_getaffinity(0))
     with pytest.raises(ValueError, match="cores"):
         cpu_plan(2, cores)
 
