@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -37,11 +38,25 @@ def uint8_intermediates(model: Any) -> list[tuple[str, str]]:
     return found
 
 
+def _graphs(graph: Any) -> Iterator[Any]:
+    """`graph` and every subgraph in it (the branches of an If, a Loop's body), depth first."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                yield from _graphs(sub)
+
+
+def _nodes(model: Any) -> Iterator[Any]:
+    for graph in _graphs(model.graph):
+        yield from graph.node
+
+
 def _constant_values(model: Any) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
+    values = {init.name: numpy_helper.to_array(init) for graph in _graphs(model.graph) for init in graph.initializer}
+    for node in _nodes(model):
         if node.op_type == "Constant":
             for attribute in node.attribute:
                 if attribute.name == "value":
@@ -50,10 +65,10 @@ def _constant_values(model: Any) -> dict[str, np.ndarray]:
 
 
 def topk_sizes(model: Any) -> list[tuple[str, int | None]]:
-    """(node name, K) of every TopK node; K is None where it is computed at run time."""
+    """(node name, K) of every TopK node, subgraphs included; K is None where it is computed at run time."""
     constants = _constant_values(model)
     sizes = []
-    for node in model.graph.node:
+    for node in _nodes(model):
         if node.op_type != "TopK":
             continue
         k = constants.get(node.input[1]) if len(node.input) > 1 else None

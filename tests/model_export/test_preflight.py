@@ -97,7 +97,8 @@ def test_casting_first_changes_no_output_and_the_old_order_is_refused(mobilenet_
 def test_topk_above_tensorrt_limit_is_refused(mobilenet_export: Path, tmp_path: Path) -> None:
     model = onnx.load(str(mobilenet_export))
     sizes = topk_sizes(model)
-    assert sorted(k for _, k in sizes) == [OPTIONS.max_detections, OPTIONS.candidates_per_class]
+    ks = {k for _, k in sizes}  # the fast path's and the fallback's (inside the If), all constants
+    assert {OPTIONS.max_detections, OPTIONS.candidates_per_class} <= ks and None not in ks
     assert oversized_topk(model) == []
     name, _ = sizes[0]
     topk = next(n for n in model.graph.node if (n.name or n.output[0]) == name)
