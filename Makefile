@@ -9,7 +9,7 @@ ifneq ($(wildcard $(SHARED)/models),)
 export SSD_WEIGHTS_MIRROR ?= $(SHARED)/models
 endif
 
-.PHONY: setup serve test system-deps gpu-check gpu-wheels
+.PHONY: setup serve test system-deps lock gpu-check gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -44,3 +44,16 @@ lock:
 	$(COMPILE) -o docker/requirements-cpu.lock docker/requirements-cpu.in
 	$(COMPILE) -o docker/requirements-export-cpu.lock docker/requirements-export-cpu.in
 	$(COMPILE) -c constraints/docker-gpu.txt -o docker/requirements-gpu.lock docker/requirements-gpu.in
+
+# On a GPU host: the GPU paths end to end in < 10 min, one summary table (scripts/gpu_check.py). Uses the host's
+# python3 with its own torch/torchvision (never the pinned ones); exits at once, status 2, without a GPU.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py
+
+# Where there is network: the pure-Python wheels gpu-check installs on an offline GPU host (into .venv-gpu, which
+# sees the host's torch). Copy wheels/ with the tree; GPU_PY should be the GPU host's Python version.
+GPU_WHEEL_PACKAGES := fastapi "uvicorn[standard]" pydantic pydantic-settings python-multipart pillow \
+	prometheus-client orjson onnx tflite httpx pytest opencv-python-headless pyyaml
+gpu-wheels:
+	$(GPU_PY) -m pip download -q --only-binary=:all: -d wheels $(GPU_WHEEL_PACKAGES)
