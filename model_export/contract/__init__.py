@@ -8,6 +8,9 @@
   `to_rgb`, then `resize_bilinear`: bilinear, half-pixel centres, no antialiasing). Validation feeds the exported
   model exactly these pixels, and the server feeds it the same.
 
+- `engine`: a TensorRT engine's description (build facts, batch profile); `cuda`: which GPU this is (cuda-python,
+  imported on first use); `errors`: `ContractError`, the one-line error base both sides share.
+
 Imports go one way: `model_export` never imports `server`, and `server` imports only this module from
 `model_export` (tests/test_import_direction.py). Its modules import nothing else of the project.
 """

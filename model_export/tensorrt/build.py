@@ -35,7 +35,7 @@ from model_export.contract.engine import (
 )
 from model_export.errors import ExportError
 from model_export.contract.metadata import INPUT_NAME, METADATA_KEY, ModelMetadata, sidecar_path
-from model_export.tensorrt.device import Cuda
+from model_export.contract.cuda import Cuda
 from model_export.tensorrt.preflight import preflight_problems
 
 MIN_TENSORRT_MAJOR = 10

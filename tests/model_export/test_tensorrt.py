@@ -34,7 +34,7 @@ from model_export.contract.metadata import METADATA_KEY, ModelMetadata, sidecar_
 from model_export.tensorrt import build as build_module  # noqa: E402
 from model_export.tensorrt.__main__ import main, parse_args  # noqa: E402
 from model_export.tensorrt.build import BuildOptions, build_engine, inspect_onnx  # noqa: E402
-from model_export.tensorrt.device import Cuda, CudaError  # noqa: E402
+from model_export.contract.cuda import Cuda, CudaError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_REASON = "needs TensorRT and an NVIDIA GPU; TensorRT installs only from NVIDIA's index and this machine has no GPU"

@@ -21,7 +21,8 @@ from model_export.contract.errors import ContractError
 from model_export.contract.metadata import ModelMetadata, sidecar_path
 from model_export.tensorrt.build import inspect_onnx
 from server.engines.base import Engine, EngineOptions, EngineOutput
-from server.engines.cuda import Cuda, CudaError
+from model_export.contract.cuda import CudaError
+from server.engines.cuda import Cuda
 from server.engines.tensorrt import TensorRTEngine, TensorRTEngineError, check_batch, cuda_device_index
 
 GPU_REASON = "needs TensorRT and an NVIDIA GPU; TensorRT installs only from NVIDIA's index and this machine has no GPU"

@@ -1,10 +1,8 @@
-"""The CUDA runtime calls the TensorRT builder needs (which GPU it builds for), through NVIDIA's cuda-python.
-
-The server's engines have their own CUDA helpers (device buffers, streams) in `server.engines.cuda`: the
-exporter and the server do not import each other.
+"""Which GPU this is, through NVIDIA's cuda-python: what the TensorRT builder records and the server's engines
+check an engine against. The engines add their buffers and streams (`server.engines.cuda`).
 
 cuda-python is imported on first use, never at import time. Every call checks its status and raises
-`CudaError` (an `ExportError`: one line for the user) naming the call and CUDA's own error text.
+`CudaError` (a `ContractError`: one line for the user) naming the call and CUDA's own error text.
 """
 
 from __future__ import annotations
@@ -14,12 +12,12 @@ from types import ModuleType
 from typing import Any
 
 from model_export.contract.engine import GpuFacts
-from model_export.errors import ExportError
+from model_export.contract.errors import ContractError
 
 CUDA_PYTHON_HINT = "pip install cuda-python (its CUDA major version must not exceed what the NVIDIA driver supports)"
 
 
-class CudaError(ExportError):
+class CudaError(ContractError):
     """A CUDA runtime call failed, or no usable GPU is visible."""
 
 
@@ -36,7 +34,7 @@ def import_cudart() -> ModuleType:
 
 
 class Cuda:
-    """A thin, checked wrapper over the CUDA runtime: the GPU facts a build records."""
+    """A thin, checked wrapper over the CUDA runtime: the GPU facts a build records and an engine checks."""
 
     def __init__(self, runtime: ModuleType | None = None) -> None:
         self.rt = runtime if runtime is not None else import_cudart()
