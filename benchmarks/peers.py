@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"benchmarks.peers: no photos in {PHOTOS}; pass --image", file=sys.stderr)
                 return 2
             image = vga_jpeg(photos[0], Path(folder) / "vga.jpg")
-        command = ["bash", str(SCRIPT), sys.executable, str(args.peers_python), str(image.resolve()), str(args.seconds)]
+        # The script starts the peers from its own folder: a relative --peers-python would no longer point at the
+        # venv there. absolute(), not resolve(): a venv's python is a symlink, and resolving it leaves the venv.
+        peers_python = args.peers_python.absolute()
+        command = ["bash", str(SCRIPT), sys.executable, str(peers_python), str(image.resolve()), str(args.seconds)]
         return subprocess.run(command, cwd=REPO_ROOT, check=False).returncode
 
 

@@ -16,7 +16,7 @@ import typing
 from pydantic import ValidationError
 
 from server import logs
-from server.allocator import limit_malloc_arenas
+from server.allocator import tune_malloc
 from server.settings import Settings
 
 
@@ -55,7 +55,7 @@ def load_settings(argv: list[str] | None = None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    limit_malloc_arenas()  # before numpy, onnxruntime or any thread allocates (see server/allocator.py)
+    tune_malloc()  # before numpy, onnxruntime or any thread allocates (see server/allocator.py)
     try:
         settings = load_settings(argv)
     except ValidationError as exc:

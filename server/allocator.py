@@ -16,6 +16,14 @@ The other source of kept memory is a flood of uploads: each connection's receive
 answered or refused, and glibc keeps the freed bodies' memory for reuse (its mmap threshold grows with the sizes
 it sees). 600 connections refused at once with 145 KB bodies: RSS +85 MB at the peak, and it stayed there.
 `trim_when_idle` gives it back once arrivals stop for a moment (+20 MB two seconds after the same flood).
+
+The third is speed. By default glibc serves a block above its mmap threshold (128 KB, then the largest block
+freed so far) with a fresh mmap, and returns an arena's free top above its trim threshold (twice that) to the
+system. Every image then lands on pages that are new to the process: a 640x480 JPEG's decode and resize allocate
+about 10 MB, and the page faults on them cost more than the arithmetic (on this VM: decode + resize 7-9 ms per
+image by default, 3.5-4.7 ms with fixed thresholds; `python -m benchmarks.vs_litert`-style loops in BENCHMARKS.md).
+Fixed thresholds (32 MB, glibc's largest mmap threshold, for both) keep those blocks in the arenas for reuse;
+a larger image still gets its own mapping, and `trim_when_idle` still hands back what a burst left free.
 """
 
 from __future__ import annotations
@@ -27,15 +35,23 @@ import os
 import sys
 from collections.abc import Callable
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+# glibc's mallopt parameter numbers (malloc.h) and the environment variables that set them at start-up.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+_ENVIRONMENT = {M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_",
+                M_ARENA_MAX: "MALLOC_ARENA_MAX"}
 DEFAULT_ARENAS = 2
+THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc refuses an mmap threshold above 32 MB on 64-bit
 
 
-def limit_malloc_arenas(arenas: int = DEFAULT_ARENAS) -> bool:
-    """mallopt(M_ARENA_MAX, arenas) before any thread starts; True if applied (glibc on Linux only)."""
-    libc = None if "MALLOC_ARENA_MAX" in os.environ else _libc()
-    mallopt = getattr(libc, "mallopt", None)  # musl or another libc: nothing to tune
-    return bool(mallopt(M_ARENA_MAX, arenas)) if mallopt is not None else False
+def tune_malloc(arenas: int = DEFAULT_ARENAS, threshold_bytes: int = THRESHOLD_BYTES) -> dict[str, bool]:
+    """Before any thread starts: `arenas` malloc arenas, and fixed mmap and trim thresholds of `threshold_bytes`.
+    Returns which were applied (glibc on Linux only; a setting given in the environment is left alone)."""
+    wanted = {M_ARENA_MAX: arenas, M_MMAP_THRESHOLD: threshold_bytes, M_TRIM_THRESHOLD: threshold_bytes}
+    mallopt = getattr(_libc(), "mallopt", None)  # musl or another libc: nothing to tune
+    return {
+        _ENVIRONMENT[param]: mallopt is not None and _ENVIRONMENT[param] not in os.environ and bool(mallopt(param, value))
+        for param, value in wanted.items()
+    }
 
 
 def _libc() -> ctypes.CDLL | None:

@@ -36,7 +36,7 @@ from model_export.models import REGISTRY
 from model_export.models.tflite_ssd import NAME, build, import_tflite_ssd
 from model_export.onnx_export import export_onnx
 from model_export.spec import PostprocessOptions, SSDModel
-from model_export.tflite.ops import _same_padding, build_network
+from model_export.tflite.ops import Grid, Requantize, _same_padding, build_network, tflite_rescale
 from model_export.tflite.reader import Quantization, read_tflite
 from model_export.tflite.reference import (
     Detections,
@@ -258,6 +258,30 @@ def test_integer_network_is_litert_bit_for_bit(model: SSDModel, photos: list[Pho
             assert raw.logits is not None
             np.testing.assert_array_equal(regression[i].numpy(), raw.box_encodings[:, [1, 0, 3, 2]], photo.name)
             np.testing.assert_array_equal(logits[i].numpy(), raw.logits, photo.name)
+
+
+@needs_model
+def test_concatenation_rescale_is_tflites_arithmetic(model: SSDModel, tmp_path: Path) -> None:
+    """Every input the file's CONCATENATIONs move to another grid (QuantizeLinear -> DequantizeLinear), and a grid
+    pair with exact ties (where std::round and round half to even differ; the formula): all 256 values, eager and
+    under ONNX Runtime, are TFLite's."""
+    rescales = [m for m in model.network.modules() if isinstance(m, Requantize)]
+    assert len(rescales) >= 2 and all(r.by_quantize for r in rescales)
+    ties = Requantize(Grid(np.float32(0.5), 3), Grid(np.float32(1.0), 0))  # v = (q - 3) / 2
+    assert not ties.by_quantize
+    q = np.arange(256)
+    for i, rescale in enumerate([*rescales, ties]):
+        x = rescale.src.dequantize(q)[None]  # [1, 256]: the uint8 values as the float graph carries them
+        expected = rescale.dst.dequantize(tflite_rescale(q, rescale.src, rescale.dst))[None]
+        with torch.no_grad():
+            np.testing.assert_array_equal(rescale(torch.from_numpy(x)).numpy(), expected, f"eager {i}")
+        path = tmp_path / f"rescale{i}.onnx"
+        torch.onnx.export(rescale, (torch.from_numpy(x),), str(path), dynamo=False, opset_version=17)
+        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+        assert ("QuantizeLinear" in ops) == rescale.by_quantize and "Gather" not in ops
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
+        np.testing.assert_array_equal(got, expected, f"onnxruntime {i}")
 
 
 @needs_model
