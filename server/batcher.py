@@ -1,8 +1,13 @@
-"""Dynamic batching: requests queue up; one loop takes a batch and runs it on the engine's own thread.
+"""Dynamic batching: requests queue up; one loop takes a batch and runs it on a free engine instance's thread.
 
 A batch closes when it holds `max_batch_size` images, or `max_queue_delay_s` after its first request was queued,
 or earlier when the queue is empty and no other request is on its way (being decoded): waiting could not grow it.
-While the engine thread runs a batch the event loop is free, so the next requests decode and queue meanwhile.
+While the engine threads run batches the event loop is free, so the next requests decode and queue meanwhile.
+
+Instances (Triton's instance group): with several, up to that many batches run side by side, each on its own
+engine and thread. The loop takes a batch only once an instance is free, so while all are busy the queue grows
+into the next, larger batch. On a CPU, two single-session instances beat one session running each batch on two
+threads (its parallel sections leave cores idle between operators; figures in BENCHMARKS.md).
 
 Per-item isolation (Triton's execute contract): every pending record has its own future. A full queue refuses
 at `submit` (QueueFull); an image past its request's deadline (or that waited past `request_timeout_s`) is answered
@@ -14,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -76,23 +82,33 @@ class BatcherConfig:
 class DynamicBatcher:
     def __init__(
         self,
-        infer: InferFn,
+        infer: InferFn | Sequence[InferFn],
         config: BatcherConfig,
         metrics: ModelMetrics | None = None,
-        executor: ThreadPoolExecutor | None = None,
+        executors: Sequence[ThreadPoolExecutor] | None = None,
     ) -> None:
-        """`executor`: the engine's single thread, when the caller owns it (loads the engine there too)."""
-        self._infer = infer
+        """`infer`: the engine's infer, or one per instance. `executors`: each instance's single thread, when the
+        caller owns them (and loaded the engines there); by default the batcher makes its own."""
+        self._infers = [infer] if callable(infer) else list(infer)
+        if not self._infers:
+            raise ValueError("at least one engine instance is needed")
         self.config = config
         self._metrics = metrics
         self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=config.max_queue_size)
         self._incoming = 0  # requests being decoded that will submit soon
-        self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._own_executors = executors is None
+        self._executors = list(executors) if executors is not None else [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine") for _ in self._infers
+        ]
+        if len(self._executors) != len(self._infers):
+            raise ValueError(f"{len(self._infers)} engine instances but {len(self._executors)} executors")
         height, width = config.input_size
-        # Batches are assembled here, on the engine thread: one batch at a time, so one buffer serves them all.
-        self._buffer = np.empty((config.max_batch_size, height, width, 3), dtype=np.uint8)
+        # Batches are assembled on their instance's thread, one at a time there: one buffer per instance.
+        self._buffers = [
+            np.empty((config.max_batch_size, height, width, 3), dtype=np.uint8) for _ in self._infers
+        ]
         self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
         # Engine seconds per image, a moving average over recent batches (0 until one ran): a batch is not grown
         # past what can finish before the tightest deadline in it, and an image that cannot finish even alone
         # is answered at once instead of taking engine time from the others.
@@ -105,19 +121,24 @@ class DynamicBatcher:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     async def stop(self) -> None:
-        """Stop taking batches; fail whatever still waits; let a running batch finish."""
+        """Stop taking batches; fail whatever still waits; let running batches finish."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            for task in self._running:
+                task.cancel()
+            for task in (self._task, *self._running):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             self._task = None
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             if not pending.future.done():
                 pending.future.set_exception(NotReady("the server is shutting down"))
         self._set_depth()
-        if self._own_executor:
-            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        if self._own_executors:
+            loop = asyncio.get_running_loop()
+            for executor in self._executors:
+                await loop.run_in_executor(None, executor.shutdown)
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -155,10 +176,22 @@ class DynamicBatcher:
     # ------------------------------------------------------------------------------------------ batching
 
     async def _run(self) -> None:
+        free: asyncio.LifoQueue[int] = asyncio.LifoQueue()  # LIFO: at low load one warm instance does the work
+        for instance in reversed(range(len(self._infers))):  # instance 0 on top
+            free.put_nowait(instance)
         while True:
+            instance = await free.get()
             batch = await self._wait_for_batch()
-            if batch:
-                await self._run_batch(batch)
+            if not batch:
+                free.put_nowait(instance)
+                continue
+            task = asyncio.get_running_loop().create_task(self._run_batch(batch, instance))
+            self._running.add(task)
+            task.add_done_callback(functools.partial(self._batch_done, free, instance))
+
+    def _batch_done(self, free: asyncio.LifoQueue[int], instance: int, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        free.put_nowait(instance)
 
     async def _wait_for_batch(self) -> list[Pending]:
         """Block for a first image, then gather more until full, the deadline, or nothing more is coming."""
@@ -212,14 +245,16 @@ class DynamicBatcher:
             return
         batch.append(pending)
 
-    async def _run_batch(self, batch: list[Pending]) -> None:
+    async def _run_batch(self, batch: list[Pending], instance: int) -> None:
         started = time.perf_counter()
         if self._metrics is not None:
             for pending in batch:
                 self._metrics.queue_wait.observe(started - pending.enqueued_at)
         loop = asyncio.get_running_loop()
         try:
-            output = await loop.run_in_executor(self._executor, self._infer_batch, [p.image for p in batch])
+            output = await loop.run_in_executor(
+                self._executors[instance], self._infer_batch, instance, [p.image for p in batch]
+            )
             inference_s = time.perf_counter() - started
             check_batch_output(output, len(batch))
         except asyncio.CancelledError:  # stop() while this batch ran: its requests get an answer too
@@ -253,12 +288,12 @@ class DynamicBatcher:
                 )
             )
 
-    def _infer_batch(self, images: list[np.ndarray]) -> EngineOutput:
-        """On the engine thread: copy the images into the batch buffer, run the engine."""
-        batch = self._buffer[: len(images)]
+    def _infer_batch(self, instance: int, images: list[np.ndarray]) -> EngineOutput:
+        """On the instance's thread: copy the images into its batch buffer, run its engine."""
+        batch = self._buffers[instance][: len(images)]
         for slot, image in zip(batch, images):
             slot[...] = image
-        return self._infer(batch)
+        return self._infers[instance](batch)
 
     def _set_depth(self) -> None:
         if self._metrics is not None:

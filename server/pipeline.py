@@ -65,10 +65,12 @@ class Pipeline:
         self.error: str | None = None
         self.metadata: ModelMetadata | None = None
         self.model_path: Path | None = None
-        self._engine: Engine | None = None
+        self._engines: list[Engine] = []
         self._batcher: DynamicBatcher | None = None
-        # The engine's own thread: load, warm-up and every batch run there (CUDA state is per thread).
-        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # Each engine instance's own thread: its load, warm-up and batches run there (CUDA state is per thread).
+        self._engine_threads = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine{i}") for i in range(settings.effective_instances)
+        ]
         self._decode_pool = ThreadPoolExecutor(
             max_workers=settings.effective_decode_workers, thread_name_prefix="decode"
         )
@@ -100,7 +102,6 @@ class Pipeline:
         suffixes = MODEL_SUFFIXES.get(settings.engine)
         if suffixes and path.suffix.lower() not in suffixes:
             raise ValueError(f"the {settings.engine} engine reads {'/'.join(suffixes)} files, not {path.name}")
-        engine = self._engine_factory()
         options = EngineOptions(
             device=settings.device,
             intra_op_threads=settings.intra_op_threads,
@@ -108,10 +109,15 @@ class Pipeline:
             max_batch_size=settings.max_batch_size,
         )
         started = time.perf_counter()
-        metadata = await loop.run_in_executor(self._engine_thread, engine.load, path, options)
-        self._engine, self.metadata, self.model_path = engine, metadata, path
+        engines = [self._engine_factory() for _ in self._engine_threads]
+        self._engines = engines  # closed by stop() even if a load below fails
+        loaded = await asyncio.gather(
+            *(loop.run_in_executor(thread, engine.load, path, options) for engine, thread in zip(engines, self._engine_threads))
+        )
+        metadata = loaded[0]
+        self.metadata, self.model_path = metadata, path
         logger.info(
-            "loaded %s (%s, input %dx%d, %d labels) with %s on %s in %.1f s",
+            "loaded %s (%s, input %dx%d, %d labels) with %s on %s in %.1f s, %d instance(s)",
             path,
             metadata.model,
             *metadata.input_size,
@@ -119,6 +125,7 @@ class Pipeline:
             settings.engine,
             settings.device,
             time.perf_counter() - started,
+            len(engines),
         )
         exported_max = metadata.extra.get("max_batch", "")
         if exported_max.isdigit() and settings.max_batch_size > int(exported_max):
@@ -126,7 +133,8 @@ class Pipeline:
                 "max_batch_size %d is above the %s the file was exported for", settings.max_batch_size, exported_max
             )
         if settings.warmup:
-            await loop.run_in_executor(self._engine_thread, self._warm_up, engine, metadata)
+            for engine, thread in zip(engines, self._engine_threads):  # one at a time: each gets the whole CPU
+                await loop.run_in_executor(thread, self._warm_up, engine, metadata)
         config = BatcherConfig(
             input_size=metadata.input_size,
             max_batch_size=settings.max_batch_size,
@@ -134,7 +142,9 @@ class Pipeline:
             max_queue_size=settings.max_queue_size,
             request_timeout_s=settings.request_timeout_ms / 1000.0,
         )
-        self._batcher = DynamicBatcher(engine.infer, config, self.metrics, executor=self._engine_thread)
+        self._batcher = DynamicBatcher(
+            [engine.infer for engine in engines], config, self.metrics, executors=self._engine_threads
+        )
         self._batcher.start()
         self.metrics.set_model(settings.engine, metadata.input_size)
         logger.info("ready: max batch %d, queue delay %g ms", settings.max_batch_size, settings.max_queue_delay_ms)
@@ -152,9 +162,10 @@ class Pipeline:
         if self._batcher is not None:
             await self._batcher.stop()
         loop = asyncio.get_running_loop()
-        if self._engine is not None:
-            await loop.run_in_executor(self._engine_thread, self._engine.close)
-        self._engine_thread.shutdown(wait=False)
+        for engine, thread in zip(self._engines, self._engine_threads):
+            await loop.run_in_executor(thread, engine.close)
+        for thread in self._engine_threads:
+            thread.shutdown(wait=False)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------------ requests
@@ -187,7 +198,7 @@ class Pipeline:
         requests that are already lost and serves those that can still make it."""
         metadata, batcher = self.ready()
         check_content_type(upload.content_type)
-        gpu_decoder = getattr(self._engine, "gpu_decoder", None)  # server.gpu_preprocess.GpuDecoder; None: CPU
+        gpu_decoder = getattr(self._engines[0], "gpu_decoder", None)  # server.gpu_preprocess.GpuDecoder; None: CPU
         if gpu_decoder is not None:
             prepared = await gpu_decoder.prepare(upload.data, self.settings.max_image_pixels)
             if prepared is not None:  # None: not a JPEG nvJPEG takes; the CPU path below decides

@@ -77,7 +77,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body (413 beyond)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height (413 beyond)")
     max_images_per_request: int = Field(64, ge=1, description="most images in one /detect/batch request")
-    intra_op_threads: int = Field(0, ge=0, description="engine threads (0: the runtime's default)")
+    instances: int = Field(
+        0,
+        ge=0,
+        description="engine instances, each running its own batches side by side (Triton's instance group); "
+        "0: 2 on a CPU with 2 or more cores, 1 on a GPU",
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="threads of each engine instance (0: the runtime's default, one per core)"
+    )
     decode_workers: int = Field(0, ge=0, description="image decode threads (0: one per CPU core, at most 8)")
     jpeg_draft: bool = Field(
         False,
@@ -156,6 +164,12 @@ class Settings(BaseSettings):
         if self.fp16 and self.engine != "torch":
             raise ValueError(f"fp16 is a torch-engine option; {self.engine} precision is fixed by the model file")
         return self
+
+    @property
+    def effective_instances(self) -> int:
+        if self.instances:
+            return self.instances
+        return 2 if self.device == "cpu" and (os.cpu_count() or 1) >= 2 else 1
 
     @property
     def effective_decode_workers(self) -> int:

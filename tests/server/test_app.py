@@ -322,7 +322,9 @@ def test_the_fast_json_encoder_writes_what_the_standard_one_writes() -> None:
 
 
 def test_a_request_that_waited_too_long_is_504_and_never_inferred(model_file: Path, engine: StandInEngine) -> None:
-    settings = Settings(grpc_port=0, model=model_file, max_batch_size=1, request_timeout_ms=100, warmup=False)
+    # One instance: the second request queues behind the first's batch.
+    settings = Settings(grpc_port=0, model=model_file, max_batch_size=1, request_timeout_ms=100, warmup=False,
+                        instances=1)
     app = create_app(settings, registry=CollectorRegistry(), engine_factory=lambda: engine)
     with TestClient(app) as client:
         wait_ready(client)

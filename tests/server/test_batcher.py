@@ -131,6 +131,48 @@ def test_batching_off_baseline_runs_every_image_alone() -> None:
     assert engine.batches == [[0], [1], [2], [3], [4]]
 
 
+def test_instances_run_batches_side_by_side_and_the_queue_grows_meanwhile() -> None:
+    """Two instances: while both hold a batch, the next requests wait in the queue and leave as one larger batch
+    on whichever instance is free first; each instance is called with its own batches only."""
+    first, second = RecordingEngine(), RecordingEngine()
+    first.gate.clear()
+    second.gate.clear()
+
+    async def scenario() -> None:
+        metrics = Metrics(CollectorRegistry()).for_model("m")
+        config = BatcherConfig(input_size=SIZE, max_batch_size=8, max_queue_delay_s=0.0)
+        batcher = DynamicBatcher([first, second], config, metrics)  # type: ignore[list-item]
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        a = batcher.submit(image(1))
+        await loop.run_in_executor(None, first.entered.wait, 5)  # instance 0 first
+        b = batcher.submit(image(2))
+        await loop.run_in_executor(None, second.entered.wait, 5)  # the other one takes the next batch at once
+        later = [batcher.submit(image(m)) for m in (3, 4, 5)]  # both busy: these wait together
+        await asyncio.sleep(0.05)
+        assert batcher.queue_depth == 3
+        second.gate.set()
+        results = await asyncio.gather(b, *later)
+        assert [r.batch_size for r in results] == [1, 3, 3, 3]
+        first.gate.set()
+        assert (await a).num_detections == 1
+        await batcher.stop()
+
+    run(scenario())
+    assert first.batches == [[1]] and second.batches == [[2], [3, 4, 5]]
+
+
+def test_instances_and_executors_must_pair_up() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = BatcherConfig(input_size=SIZE)
+    with pytest.raises(ValueError, match="at least one"):
+        DynamicBatcher([], config)
+    with ThreadPoolExecutor(1) as pool:
+        with pytest.raises(ValueError, match="2 engine instances but 1 executors"):
+            DynamicBatcher([RecordingEngine(), RecordingEngine()], config, executors=[pool])  # type: ignore[list-item]
+
+
 def test_requests_left_waiting_past_the_timeout_never_reach_the_engine() -> None:
     engine = RecordingEngine()
     engine.gate.clear()
