@@ -73,11 +73,9 @@ def load_rgb(path: Path) -> np.ndarray:
 
 
 def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 [H, W, 3] -> uint8 [h, w, 3] (size = (h, w)) with the contract's resize (the server's), pixel for pixel.
-
-    That is torch's F.interpolate(float, mode="bilinear", align_corners=False, antialias=False) rounded half
-    to even (see model_export/contract/image.py). The rounding matters for this quantised model: torch's fixed-point
-    uint8 path, or truncation, differ by 1 in ~25% of the values and move boxes by up to ~3 px on a 1200 px photo.
+    """uint8 [H, W, 3] -> uint8 [h, w, 3] (size = (h, w)) with the contract's resize (the server's), pixel for pixel:
+    OpenCV's INTER_LINEAR (bilinear, half-pixel centres, no antialiasing; model_export/contract/image.py). Both sides
+    of a like-for-like comparison get these same pixels.
     """
     from model_export.contract.image import resize_bilinear as contract_resize
 
