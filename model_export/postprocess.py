@@ -36,6 +36,9 @@ from model_export.spec import PostprocessOptions, SSDModel
 # the best 2000 keeps >= 200 boxes on every one (the best 400 do on 5, the best 1000 on 25). TensorRT's TopK takes
 # K <= 3840.
 FAST_PATH_CANDIDATES = 2000
+# The fast path's TopK over every (class, anchor) score runs in two steps over blocks of this many consecutive
+# scores (`best_candidates`): about half the time of one TopK over all of them under ONNX Runtime.
+CANDIDATE_BLOCK = 8
 FALLBACK_DOMAIN = "ssd_serve"
 FALLBACK_OP = "FullPathIfNeeded"  # the placeholder that model_export.onnx_fallback replaces with an `If`
 
@@ -85,6 +88,29 @@ class _TopK(torch.autograd.Function):
         else:
             k = g.op("Reshape", k, one)
         return g.op("TopK", x, k, axis_i=-1, outputs=2)
+
+
+def best_candidates(scores: torch.Tensor, k: int, block: int = CANDIDATE_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_TopK(scores, k)` for scores >= 0 [B, M], computed as TopK over block maxima, then over the chosen blocks.
+
+    Exact, ties included. Rank blocks of `block` consecutive scores by (maximum descending, block index ascending)
+    and take the best k. An element among the k best overall lies in one of those blocks: were its block not
+    chosen, k chosen blocks would each hold a maximum that ranks above the element (greater, or equal at a lower
+    index), so k elements would rank above it. The chosen blocks' scores, gathered in ascending index order, then
+    give the same k best with the same tie order. Padding scores are -1, below every real one.
+    """
+    batch, count = scores.shape
+    blocks = -(-count // block)
+    if block <= 1 or blocks < k:  # too few blocks to choose k of them: one TopK
+        return _TopK.apply(scores, k)
+    padded = scores if count % block == 0 else nn.functional.pad(scores, (0, blocks * block - count), value=-1.0)
+    _, chosen = _TopK.apply(padded.reshape(batch, blocks, block).amax(dim=2), k)  # [B, k] block indices
+    ascending = -_TopK.apply(-chosen.to(torch.float32), k)[0]  # the same blocks in index order (exact below 2**24)
+    index = (ascending.to(torch.int64).unsqueeze(2) * block + torch.arange(block, device=scores.device)).reshape(
+        batch, k * block
+    )  # [B, k * block], ascending
+    top_scores, position = _TopK.apply(padded.gather(1, index), k)
+    return top_scores, index.gather(1, position)
 
 
 class _ImageNMS(torch.autograd.Function):
@@ -221,7 +247,7 @@ class SSDPostprocess(nn.Module):
         opts = self.options
         batch = scores.shape[0]
         num_classes, num_anchors = self.num_classes, self.num_anchors
-        top_scores, top_index = _TopK.apply(scores.reshape(batch, -1), self.fast_candidates)  # [B, P], class-major
+        top_scores, top_index = best_candidates(scores.reshape(batch, -1), self.fast_candidates)  # [B, P], class-major
         top_class = torch.div(top_index, num_anchors, rounding_mode="floor")  # [B, P]
         top_boxes = _rows(boxes, top_index % num_anchors)  # [B, P, 4]
         nms_scores = top_scores

@@ -18,7 +18,7 @@ from model_export.errors import ExportError
 from model_export.exportable import ExportableSSD
 from model_export.contract.metadata import METADATA_KEY, ModelMetadata, sidecar_path
 from model_export.onnx_export import export_onnx
-from model_export.postprocess import SSDPostprocess, decode_boxes
+from model_export.postprocess import SSDPostprocess, _TopK, best_candidates, decode_boxes
 from model_export.spec import Detections, PostprocessOptions, SSDModel
 
 NUM_ANCHORS = 600
@@ -126,6 +126,36 @@ def test_torch_module_equals_per_class_loop(activation: str, opts: PostprocessOp
         reference = loop_reference(model, batch, opts)
     assert sum(len(r.scores) for r in reference) > 10  # the comparison has detections to compare
     assert_matches(tuple(t.numpy() for t in ours), reference, opts.max_detections)
+
+
+class _BestCandidates(nn.Module):
+    def __init__(self, k: int, block: int) -> None:
+        super().__init__()
+        self.k, self.block = k, block
+
+    def forward(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return best_candidates(scores, self.k, self.block)
+
+
+@pytest.mark.parametrize(("count", "k", "block", "levels"), [(153360, 2000, 8, 256), (785880, 2000, 8, 5),
+                                                              (10003, 500, 8, 3), (4096, 512, 8, 2), (1000, 100, 7, 1),
+                                                              (999, 200, 7, 1)])
+def test_best_candidates_in_two_steps_are_one_topk(count: int, k: int, block: int, levels: int, tmp_path: Path) -> None:
+    """Blocked TopK equals one TopK, values and indices, with heavy ties (scores on a few levels, as quantised
+    networks give; down to all equal), a length that is not a multiple of the block, eager and under ONNX Runtime."""
+    rng = np.random.default_rng(count)
+    scores = torch.from_numpy((rng.integers(0, levels, (3, count)) / max(levels - 1, 1) * rng.random()).astype(np.float32))
+    expected = _TopK.apply(scores, k)
+    got = best_candidates(scores, k, block)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    path = tmp_path / "best.onnx"
+    torch.onnx.export(_BestCandidates(k, block), (scores,), str(path), dynamo=False, opset_version=17)
+    two_steps = -(-count // block) >= k  # else too few blocks: one TopK
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("TopK") == (3 if two_steps else 1)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    values, index = session.run(None, {session.get_inputs()[0].name: scores.numpy()})
+    np.testing.assert_array_equal(values, expected[0].numpy())
+    np.testing.assert_array_equal(index, expected[1].numpy())
 
 
 def test_fewer_candidates_than_k_pads_to_k() -> None:
