@@ -153,11 +153,12 @@ TimeoutQuery = Query(None, gt=0, description="a shorter deadline for this reques
 TimeoutHeader = Header(None, gt=0, description="a shorter deadline for this request, ms from arrival (504 past it)")
 
 
-def requested_timeout_ms(
+async def requested_timeout_ms(
     timeout_ms: float | None = TimeoutQuery, x_request_timeout_ms: float | None = TimeoutHeader
 ) -> float | None:
     """The client's own deadline: the `timeout_ms` query parameter or the X-Request-Timeout-Ms header (the
-    shorter if both); never longer than the server's request_timeout_ms."""
+    shorter if both); never longer than the server's request_timeout_ms. (async: FastAPI runs a plain function
+    dependency in a worker thread, two thread hand-offs per request.)"""
     asked = [value for value in (timeout_ms, x_request_timeout_ms) if value is not None]
     return min(asked) if asked else None
 
