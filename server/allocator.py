@@ -20,8 +20,8 @@ it sees). 600 connections refused at once with 145 KB bodies: RSS +85 MB at the 
 The third is speed. By default glibc serves a block above its mmap threshold (128 KB, then the largest block
 freed so far) with a fresh mmap, and returns an arena's free top above its trim threshold (twice that) to the
 system. Every image then lands on pages that are new to the process: a 640x480 JPEG's decode and resize allocate
-about 10 MB, and the page faults on them cost more than the arithmetic (on this VM: decode + resize 7-9 ms per
-image by default, 3.5-4.7 ms with fixed thresholds; `python -m benchmarks.vs_litert`-style loops in BENCHMARKS.md).
+megabytes, and the page faults on them cost more than the arithmetic (on this VM, with the float resize of the
+time: decode + resize 7-9 ms per image by default, 3.5-4.7 ms with fixed thresholds; BENCHMARKS.md, section 5).
 Fixed thresholds (32 MB, glibc's largest mmap threshold, for both) keep those blocks in the arenas for reuse;
 a larger image still gets its own mapping, and `trim_when_idle` still hands back what a burst left free.
 """

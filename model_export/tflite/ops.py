@@ -9,8 +9,8 @@ Numerics, two modes:
   (TensorRT included); LiteRT's uint8 values are tracked to about one step.
 - "integer": LiteRT's uint8 arithmetic, bit for bit. A conv accumulates (q - zero_point) products exactly
   in int32 and requantises as LiteRT's XNNPACK kernels do, float32(acc) * float32(s_in * s_w / s_out)
-  rounded half to even; a requantising CONCATENATION / RESHAPE uses TFLite's own formula, as a 256-entry
-  table. In ONNX a conv is QuantizeLinear / DequantizeLinear around a float Conv, which ONNX Runtime fuses
+  rounded half to even; a requantising CONCATENATION uses TFLite's own formula (as QuantizeLinear ->
+  DequantizeLinear where that is the same for all 256 values, see `Requantize`). In ONNX a conv is QuantizeLinear / DequantizeLinear around a float Conv, which ONNX Runtime fuses
   into an integer QLinearConv: the same arithmetic, at int8 speed. The weights travel as int8 (w - 128, zero
   point - 128: the same differences w - zero_point, so the same accumulator), which makes the QLinearConv u8 x s8,
   the form whose x86 kernels use the VNNI dot product. On x86 CPUs with AVX2 but no VNNI, ONNX Runtime's u8 x s8
