@@ -49,21 +49,24 @@ def mobilenet_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "weights", "numerics"), EXPORTS, ids=[f"{n}-{q or 'own'}" for n, _, q in EXPORTS])
-def test_every_export_casts_its_input_first(name: str, weights: str | None, numerics: str | None,
-                                            tmp_path: Path) -> None:
+def test_every_export_takes_its_input_cast_or_dequantized(
+    name: str, weights: str | None, numerics: str | None, tmp_path: Path
+) -> None:
     path = tmp_path / f"{name}.onnx"
     export_onnx(_build(name, weights, numerics), OPTIONS, path)
     model = onnx.load(str(path))
     consumers = [node for node in model.graph.node if "images" in node.input]
-    assert [(n.op_type, onnx.helper.get_attribute_value(n.attribute[0])) for n in consumers] == [
-        ("Cast", onnx.TensorProto.FLOAT)
-    ]
     found = uint8_intermediates(model)
     if numerics == "integer":
-        # LiteRT's own uint8 arithmetic: QDQ pairs (QuantizeLinear -> uint8, their zero points, integer ReLU6
-        # clips) and nothing else; TensorRT refuses this numerics outright (see the last test).
+        # The pixels are the first conv's uint8 input grid: one DequantizeLinear. Then LiteRT's own uint8
+        # arithmetic: QDQ pairs (QuantizeLinear -> uint8, their zero points, integer ReLU6 clips) and nothing
+        # else; TensorRT refuses this numerics outright (see the last test).
+        assert [n.op_type for n in consumers] == ["DequantizeLinear"]
         assert found and {op for _, op in found} <= {"QuantizeLinear", "Constant", "Clip"}
     else:
+        assert [(n.op_type, onnx.helper.get_attribute_value(n.attribute[0])) for n in consumers] == [
+            ("Cast", onnx.TensorProto.FLOAT)
+        ]
         assert found == []
         inspect_onnx(path)  # the whole pre-flight passes
     assert all(k is not None and k <= TENSORRT_MAX_TOPK for _, k in topk_sizes(model))
