@@ -13,7 +13,9 @@ class _PixelGrid(torch.autograd.Function):
     """uint8 pixels -> (p - zero_point) * scale in float32: one DequantizeLinear of the graph input."""
 
     @staticmethod
-    def forward(ctx: object, images: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: object, images: torch.Tensor, scale: float, zero_point: int
+    ) -> torch.Tensor:
         return (images.to(torch.float32) - zero_point) * torch.tensor(scale, dtype=torch.float32)
 
     @staticmethod
@@ -40,10 +42,10 @@ class ExportableSSD(nn.Module):
         # QuantizeLinear maps back to the same integers; that is 4 operators fewer over every pixel than a cast
         # and a multiply-add. Integer exports only: TensorRT, which refuses them anyway, takes no uint8 DQ input.
         self.pixel_grid: tuple[float, int] | None = None
-        mean = model.mean[0]
-        if (model.extra_metadata.get("numerics") == "integer" and uniform and float(mean).is_integer()
-                and 0 <= mean <= 255):
-            self.pixel_grid = (float(torch.tensor(1.0 / model.std[0], dtype=torch.float32)), int(mean))
+        zero_point = model.mean[0]
+        integer = model.extra_metadata.get("numerics") == "integer"
+        if integer and uniform and float(zero_point).is_integer() and 0 <= zero_point <= 255:
+            self.pixel_grid = (float(torch.tensor(1.0 / model.std[0], dtype=torch.float32)), int(zero_point))
         shape = () if uniform else (1, 3, 1, 1)
         mean = torch.tensor(model.mean[:1] if uniform else model.mean, dtype=torch.float32).reshape(shape)
         std = torch.tensor(model.std[:1] if uniform else model.std, dtype=torch.float32).reshape(shape)

@@ -48,10 +48,11 @@ def tune_malloc(arenas: int = DEFAULT_ARENAS, threshold_bytes: int = THRESHOLD_B
     Returns which were applied (glibc on Linux only; a setting given in the environment is left alone)."""
     wanted = {M_ARENA_MAX: arenas, M_MMAP_THRESHOLD: threshold_bytes, M_TRIM_THRESHOLD: threshold_bytes}
     mallopt = getattr(_libc(), "mallopt", None)  # musl or another libc: nothing to tune
-    return {
-        _ENVIRONMENT[param]: mallopt is not None and _ENVIRONMENT[param] not in os.environ and bool(mallopt(param, value))
-        for param, value in wanted.items()
-    }
+    applied = {}
+    for param, value in wanted.items():
+        name = _ENVIRONMENT[param]
+        applied[name] = mallopt is not None and name not in os.environ and bool(mallopt(param, value))
+    return applied
 
 
 def _libc() -> ctypes.CDLL | None:

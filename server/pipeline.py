@@ -69,7 +69,8 @@ class Pipeline:
         self._batcher: DynamicBatcher | None = None
         # Each engine instance's own thread: its load, warm-up and batches run there (CUDA state is per thread).
         self._engine_threads = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine{i}") for i in range(settings.effective_instances)
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine{i}")
+            for i in range(settings.effective_instances)
         ]
         self._decode_pool = ThreadPoolExecutor(
             max_workers=settings.effective_decode_workers, thread_name_prefix="decode"
@@ -111,10 +112,9 @@ class Pipeline:
         started = time.perf_counter()
         engines = [self._engine_factory() for _ in self._engine_threads]
         self._engines = engines  # closed by stop() even if a load below fails
-        loaded = await asyncio.gather(
-            *(loop.run_in_executor(thread, engine.load, path, options) for engine, thread in zip(engines, self._engine_threads))
-        )
-        metadata = loaded[0]
+        loads = [loop.run_in_executor(thread, engine.load, path, options)
+                 for engine, thread in zip(engines, self._engine_threads)]
+        metadata = (await asyncio.gather(*loads))[0]  # the same file for each
         self.metadata, self.model_path = metadata, path
         logger.info(
             "loaded %s (%s, input %dx%d, %d labels) with %s on %s in %.1f s, %d instance(s)",

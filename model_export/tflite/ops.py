@@ -10,9 +10,10 @@ Numerics, two modes:
 - "integer": LiteRT's uint8 arithmetic, bit for bit. A conv accumulates (q - zero_point) products exactly
   in int32 and requantises as LiteRT's XNNPACK kernels do, float32(acc) * float32(s_in * s_w / s_out)
   rounded half to even; a requantising CONCATENATION uses TFLite's own formula (as QuantizeLinear ->
-  DequantizeLinear where that is the same for all 256 values, see `Requantize`). In ONNX a conv is QuantizeLinear / DequantizeLinear around a float Conv, which ONNX Runtime fuses
-  into an integer QLinearConv: the same arithmetic, at int8 speed. The weights travel as int8 (w - 128, zero
-  point - 128: the same differences w - zero_point, so the same accumulator), which makes the QLinearConv u8 x s8,
+  DequantizeLinear where that is the same for all 256 values, see `Requantize`). In ONNX a conv is
+  QuantizeLinear / DequantizeLinear around a float Conv, which ONNX Runtime fuses into an integer QLinearConv:
+  the same arithmetic, at int8 speed. The weights travel as int8 (w - 128, zero point - 128: the same
+  differences w - zero_point, so the same accumulator), which makes the QLinearConv u8 x s8,
   the form whose x86 kernels use the VNNI dot product. On x86 CPUs with AVX2 but no VNNI, ONNX Runtime's u8 x s8
   kernel sums pairs of products in saturating int16 (its documented caveat), which can differ from LiteRT.
   Activations travel between ops as their dequantised float values, so every other op and the post-processing
@@ -575,12 +576,12 @@ class Requantize(nn.Module):
         expected = tflite_rescale(q, src, dst)
         by_quantize = np.clip(np.rint(src.dequantize(q) / dst.scale) + dst.zero_point, dst.lo, dst.hi)
         self.by_quantize = bool(np.array_equal(by_quantize, expected))
-        scale = np.float32(src.scale * (np.float32(1.0) / dst.scale))
-        bias = np.float32(-np.float32(src.zero_point) * scale)
-        v = q.astype(np.float32) * scale + bias
-        if not self.by_quantize and not np.array_equal(
-            np.clip(np.sign(v) * np.floor(np.abs(v) + np.float32(0.5)) + dst.zero_point, dst.lo, dst.hi), expected
-        ):  # floor(|v| + 0.5) is std::round unless |v| + 0.5 rounds up to the next integer in float32
+        if self.by_quantize:
+            return
+        scale, bias = _rescale_factors(src, dst)
+        # floor(|v| + 0.5) in float32 is std::round unless |v| + 0.5 rounds up to the next integer
+        in_float32 = _round_half_away(q.astype(np.float32) * scale + bias)
+        if not np.array_equal(np.clip(in_float32 + dst.zero_point, dst.lo, dst.hi), expected):
             raise ExportError(f"CONCATENATION: the rescale from {src} to {dst} cannot be computed exactly in float32")
         for name, value in (("scale", scale), ("bias", bias), ("point_five", 0.5), ("out_scale", dst.scale)):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
@@ -595,11 +596,17 @@ class Requantize(nn.Module):
         return steps.clamp(self.dst.lo - zero, self.dst.hi - zero) * self.out_scale
 
 
+def _rescale_factors(src: Grid, dst: Grid) -> tuple[np.float32, np.float32]:
+    """TFLite's float32 (scale, bias) for moving `src` values to `dst`: s * (1 / s') and -zp * that."""
+    scale = np.float32(src.scale * (np.float32(1.0) / dst.scale))
+    return scale, np.float32(-np.float32(src.zero_point) * scale)
+
+
 def tflite_rescale(q: np.ndarray, src: Grid, dst: Grid) -> np.ndarray:
     """TFLite's ConcatenationWithScaling of uint8 values `q` (reference_ops.h), std::round done exactly (float64)."""
-    scale = np.float32(src.scale * (np.float32(1.0) / dst.scale))
-    v = (q.astype(np.float32) * scale + np.float32(-np.float32(src.zero_point) * scale)).astype(np.float64)
-    return np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5) + dst.zero_point, dst.lo, dst.hi).astype(np.int64)
+    scale, bias = _rescale_factors(src, dst)
+    steps = _round_half_away((q.astype(np.float32) * scale + bias).astype(np.float64))
+    return np.clip(steps + dst.zero_point, dst.lo, dst.hi).astype(np.int64)
 
 
 class QuantizedConcat(nn.Module):
