@@ -14,13 +14,17 @@ Scenarios (each on a fresh server with the default model, 127.0.0.1 only, bounde
               a normal client's latency meanwhile, code="500" added
   defaults    default settings, 600 connections: RSS before/after, 503 p50, 500s, goodput
   bad_inputs  default settings, 2000 bad inputs on 8 connections: RSS before/after
+  refusal_cost  every request refused (max_in_flight=1, held): CPU per refusal in the server and in this client,
+              and the cores the overload scenario's 503 p50 target takes at that cost
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -352,6 +356,40 @@ def bad_inputs(count: int, bodies: list[bytes]) -> list[Row]:
         server.stop()
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def refusal_cost(duration_s: float, bodies: list[bytes]) -> list[Row]:
+    """What one refusal costs the server and this client (every request refused: one held request fills
+    max_in_flight=1), and what the overload scenario's 503 p50 target then takes of the machine."""
+    server = start_server({**EXTRA, "max_in_flight": 1, "client_timeout_s": 3 * duration_s + 30})
+    try:
+        target = target_of(server)
+        holder = socket.create_connection((target.host, target.port))
+        holder.sendall(b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n")
+        time.sleep(0.5)  # admitted, then waiting for the body that does not come
+        server_before, client_before = cpu_s(server.process.pid), time.process_time()
+        records, elapsed = asyncio.run(closed_loop(target, 200, duration_s, bodies))
+        server_us = (cpu_s(server.process.pid) - server_before) / len(records) * 1e6
+        client_us = (time.process_time() - client_before) / len(records) * 1e6
+        holder.close()
+        needed = 199 / 0.050  # refusals a second for 199 refused connections to get theirs in 50 ms
+        return [
+            Row("refusal_cost", "200 connections, all refused", f"{statuses(records)}, {len(records) / elapsed:.0f}/s"),
+            Row("refusal_cost", "CPU per refusal: server / this client", f"{server_us:.0f} us / {client_us:.0f} us"),
+            Row(
+                "refusal_cost",
+                f"cores for {needed:.0f} refusals/s (503 p50 of 50 ms)",
+                f"{needed * (server_us + client_us) / 1e6:.2f} of {os.cpu_count()}",
+            ),
+        ]
+    finally:
+        server.stop()
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
@@ -375,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "slow": lambda: slow(args.duration, bodies),
         "defaults": lambda: defaults(args.duration, bodies),
         "bad_inputs": lambda: bad_inputs(args.bad_inputs, bodies),
+        "refusal_cost": lambda: refusal_cost(args.duration, bodies),
     }
     chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(scenarios)
     unknown = set(chosen) - set(scenarios)

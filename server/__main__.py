@@ -99,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
         limit_concurrency=settings.effective_max_connections,
         http=connections.protocol_class(
-            settings.client_timeout_s, settings.max_header_bytes, on_reject=app.state.metrics.reject
+            settings.client_timeout_s,
+            settings.max_header_bytes,
+            on_reject=app.state.metrics.reject,
+            answer_at_arrival=app.state.answer_at_arrival,
+            refusals_per_turn=settings.refusals_per_turn,
         ),
     )
 

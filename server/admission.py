@@ -5,8 +5,9 @@
         result = await pipeline.detect(upload, options, ticket=ticket)
 
 HTTP admits in `AdmissionMiddleware`, the first thing after the metrics, before routing and before the body is
-read (a refusal costs a few tens of microseconds of the event loop, so a flood of them cannot starve it); the
-route takes the ticket with `admitted(request.scope)` and shortens its deadline to the client's (`shorten`).
+read; the route takes the ticket with `admitted(request.scope)` and shortens its deadline to the client's
+(`shorten`). While admission is full, uvicorn's protocol refuses before any ASGI work (`refusal`, through
+server.app's `arrival_refusals` and server.connections), which is what a flood of refusals costs.
 
 `admit` is called when a request arrives, before its body is read or decoded. It refuses at once when
 `limit` images are already in flight (read, queued for decode, decoding, queued for the engine, in the
@@ -138,13 +139,24 @@ class Admission:
         self._take(1, alone_ok=False)
         return Ticket(self, self.timeout_for(timeout_ms))
 
+    def refusal(self) -> Overloaded | None:
+        """The Overloaded `acquire` would raise now, counted as an arrival; None (nothing counted) if it would
+        admit. For a front end that refuses before it starts any work for the request."""
+        if self.in_flight < self.limit:
+            return None
+        self.arrivals += 1
+        return self._overloaded()
+
     def _take(self, images: int, *, alone_ok: bool) -> None:
         if self.in_flight + images > self.limit and not alone_ok:
-            raise Overloaded(
-                f"{self.in_flight} images in flight (limit {self.limit}); retry in {RETRY_AFTER_S} s",
-                retry_after_s=RETRY_AFTER_S,
-            )
+            raise self._overloaded()
         self.in_flight += images
+
+    def _overloaded(self) -> Overloaded:
+        return Overloaded(
+            f"{self.in_flight} images in flight (limit {self.limit}); retry in {RETRY_AFTER_S} s",
+            retry_after_s=RETRY_AFTER_S,
+        )
 
 
 # ------------------------------------------------------------------------------------------ HTTP

@@ -143,14 +143,12 @@ def create_app(
     )
     app.state.settings, app.state.metrics, app.state.pipeline = settings, metrics, pipeline
     app.state.models = models
+    app.state.answer_at_arrival = arrival_refusals(models, metrics, settings.access_log)  # for server.connections
     install_error_handlers(app, on_reject=metrics.reject)
     app.add_middleware(uploads.BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.reject)
     app.add_middleware(connections.RequestGuard, on_reject=metrics.reject)  # client gone: 499, work cancelled
     app.add_middleware(  # 503 at arrival, before routing and before the body is read
-        AdmissionMiddleware,
-        admission=lambda: models.admission,
-        admits=lambda path: path in DETECT_ENDPOINTS or v2_http.is_infer_path(path),
-        on_reject=metrics.reject,
+        AdmissionMiddleware, admission=lambda: models.admission, admits=is_admitted, on_reject=metrics.reject
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every response, 413s and 503s included
     app.add_middleware(requestid.RequestIdMiddleware, endpoints=ENDPOINTS, access_log=settings.access_log)  # outermost
@@ -320,8 +318,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        endpoint = path if path in ENDPOINTS else v2_http.INFER_ENDPOINT if v2_http.is_infer_path(path) else "other"
+        endpoint = endpoint_of(scope["path"])
         in_flight = endpoint in DETECT_ENDPOINTS or endpoint == v2_http.INFER_ENDPOINT
         status = 500
         started = time.perf_counter()
@@ -339,5 +336,47 @@ class MetricsMiddleware:
         finally:
             if in_flight:
                 self.metrics.requests_in_flight.dec()
-            self.metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - started)
-            self.metrics.requests.labels(endpoint=endpoint, code=str(status)).inc()
+            self.metrics.count_request(endpoint, status, time.perf_counter() - started)
+
+
+def is_admitted(path: str) -> bool:
+    """Whether requests to `path` hold images in flight (admission at arrival, server.admission)."""
+    return path in DETECT_ENDPOINTS or v2_http.is_infer_path(path)
+
+
+def arrival_refusals(
+    models: ModelRegistry, metrics: Metrics, access_log: bool
+) -> Callable[[Scope], connections.EarlyResponse | None]:
+    """The protocol's answer to a request that arrives while admission is full (server.connections): the 503
+    AdmissionMiddleware would give, with what the stack around it adds (request id, metrics, access log), sent
+    before any ASGI work: no task, no middleware. A refusal of a ~100 KB upload then costs the server 132 us of
+    CPU instead of 172 us, most of it receiving and parsing the body (BENCHMARKS.md, `refusal_cost`). Admitted
+    requests are admitted by the middleware."""
+
+    def refuse(scope: Scope) -> connections.EarlyResponse | None:
+        if not is_admitted(scope["path"]):
+            return None
+        refusal = models.admission.refusal()
+        if refusal is None:
+            return None
+        started = time.perf_counter()
+        metrics.reject(refusal.reject_reason or "overloaded")
+        record = requestid.RequestRecord(requestid.incoming_id(scope))
+        body = json.dumps({**refusal.body(), "request_id": record.request_id}, separators=(",", ":")).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            *((name.lower().encode(), value.encode()) for name, value in (refusal.headers() or {}).items()),
+            (requestid.HEADER_KEY, record.request_id.encode()),
+        ]
+        elapsed = time.perf_counter() - started
+        metrics.count_request(endpoint_of(scope["path"]), refusal.status, elapsed)
+        if access_log:
+            requestid.log_access(scope, record, refusal.status, elapsed, 0, ENDPOINTS)
+        return connections.EarlyResponse(refusal.status, headers, body)
+
+    return refuse
+
+
+def endpoint_of(path: str) -> str:
+    """The `endpoint` label of a request path (one value for every v2 infer path; "other" for the unknown)."""
+    return path if path in ENDPOINTS else v2_http.INFER_ENDPOINT if v2_http.is_infer_path(path) else "other"

@@ -9,6 +9,9 @@
   sent), the request line and headers within `max_header_bytes` (JSON 431), a new connection idle for
   `keep_alive_timeout_s` is closed like a kept-alive one, and its own protocol errors and concurrency-limit
   refusals are JSON.
+  A request the app refuses at arrival (`answer_at_arrival`: admission is full) is answered by the protocol
+  itself, before any ASGI task or middleware, and its connection then waits in a `RefusalGate`, so that a flood
+  of refusals cannot hold back the requests being served.
 - `DrainingServer`: uvicorn's server with a drain: on SIGTERM/SIGINT readiness fails at once (`on_drain`), the
   server keeps serving for `drain_s`, then stops accepting, lets in-flight requests finish (uvicorn's graceful
   shutdown, bounded) and exits 0. A second signal skips the rest of the drain; a third SIGINT forces the exit.
@@ -17,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import logging
@@ -25,11 +29,11 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.flow_control import FlowControl, service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.errors import CLIENT_CLOSED, CLIENT_TIMEOUT, CLIENT_TIMEOUT_KEY
@@ -54,6 +58,44 @@ async def _send_json(send: Send, status: int, code: str, detail: str, close: boo
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class EarlyResponse(NamedTuple):
+    """A whole response the protocol sends for a request before any ASGI work (content-length is added)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class RefusalGate:
+    """Where a connection just refused at arrival waits before its next request is read: `per_turn` of them are
+    let through per turn of the event loop, first come first served.
+
+    A turn of the loop runs every connection that is ready. Under a flood that is every flooding connection,
+    each resending the moment it is refused, so a turn lasts as long as a few hundred refusals, and an admitted
+    request, which needs a dozen turns from its headers to its response, crawls. Through the gate a turn holds at
+    most `per_turn` refusals: admitted requests advance every few refusals, the refusals still come as fast as
+    the CPU allows, and each refused client waits its turn in the gate instead of in the loop."""
+
+    def __init__(self, per_turn: int) -> None:
+        self.per_turn = per_turn
+        self._waiting: collections.deque[FlowControl] = collections.deque()
+        self._scheduled = False
+
+    def hold(self, flow: FlowControl, loop: asyncio.AbstractEventLoop) -> None:
+        flow.pause_reading()
+        self._waiting.append(flow)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._release, loop)
+
+    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        for _ in range(min(self.per_turn, len(self._waiting))):
+            self._waiting.popleft().resume_reading()  # a no-op on a connection closed meanwhile
+        self._scheduled = bool(self._waiting)
+        if self._scheduled:
+            loop.call_soon(self._release, loop)
 
 
 # ------------------------------------------------------------------------------------------ ASGI middleware
@@ -129,6 +171,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     client_timeout_s: float = 30.0
     max_header_bytes: int = 32 * 1024
     on_reject: Callable[[str], None] | None = None  # counts what is refused here, before any ASGI request
+    # scope -> the response to send now instead of running the app (it counts and logs it), or None
+    answer_at_arrival: Callable[[Scope], EarlyResponse | None] | None = None
+    refusal_gate: RefusalGate
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -193,7 +238,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             app = functools.partial(_headers_too_large, self.max_header_bytes)
         elif app is service_unavailable:
             app = _over_connection_limit
+        elif self.answer_at_arrival is not None:
+            response = self.answer_at_arrival(cycle.scope)
+            if response is not None:
+                self._answer_now(cycle, response)
+                return
         super()._start_asgi_task(cycle, app)
+
+    def _answer_now(self, cycle: Any, response: EarlyResponse) -> None:
+        """Send `response` as the cycle's whole answer; the body still arriving is discarded (`on_body`)."""
+        # A client waiting for 100-continue may never send the body the parser expects: close, as it cannot be
+        # told apart from the next request.
+        keep_alive = cycle.keep_alive and not cycle.waiting_for_100_continue
+        status_line = b"HTTP/1.1 %d %s\r\n" % (response.status, HTTPStatus(response.status).phrase.encode())
+        headers = [
+            *self.server_state.default_headers,
+            *response.headers,
+            (b"content-length", b"%d" % len(response.body)),
+            *(() if keep_alive else ((b"connection", b"close"),)),
+        ]
+        self.transport.write(status_line + b"".join(b"%s: %s\r\n" % pair for pair in headers) + b"\r\n" + response.body)
+        cycle.response_started = cycle.response_complete = True
+        if not keep_alive:
+            self.transport.close()
+        cycle.on_response()
+        if keep_alive:
+            self.refusal_gate.hold(self.flow, self.loop)
 
     def _cancel_request_timer(self) -> None:
         if getattr(self, "_request_timer", None) is not None:
@@ -237,12 +307,23 @@ async def _over_connection_limit(scope: Scope, receive: Receive, send: Send) -> 
 
 
 def protocol_class(
-    client_timeout_s: float, max_header_bytes: int, on_reject: Callable[[str], None] | None = None
+    client_timeout_s: float,
+    max_header_bytes: int,
+    on_reject: Callable[[str], None] | None = None,
+    answer_at_arrival: Callable[[Scope], EarlyResponse | None] | None = None,
+    refusals_per_turn: int = 64,
 ) -> type[GuardedHttpToolsProtocol]:
-    """The protocol for uvicorn.Config(http=...), with these bounds; `on_reject(reason)` counts its refusals."""
-    attributes = {"client_timeout_s": client_timeout_s, "max_header_bytes": max_header_bytes}
-    if on_reject is not None:
-        attributes["on_reject"] = staticmethod(on_reject)
+    """The protocol for uvicorn.Config(http=...), with these bounds; `on_reject(reason)` counts its refusals,
+    `answer_at_arrival` answers requests the app refuses before any ASGI work, and the connections it refuses
+    wait in a RefusalGate letting `refusals_per_turn` through per turn of the event loop."""
+    attributes: dict[str, object] = {
+        "client_timeout_s": client_timeout_s,
+        "max_header_bytes": max_header_bytes,
+        "refusal_gate": RefusalGate(refusals_per_turn),
+    }
+    for name, hook in (("on_reject", on_reject), ("answer_at_arrival", answer_at_arrival)):
+        if hook is not None:
+            attributes[name] = staticmethod(hook)
     return type("ServerHttpProtocol", (GuardedHttpToolsProtocol,), attributes)
 
 

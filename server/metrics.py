@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -45,6 +46,7 @@ class ThroughputWindow:
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.requests = Counter(
             "ssd_requests", "HTTP requests by endpoint and status code", ["endpoint", "code"], registry=registry
         )
@@ -120,6 +122,17 @@ class Metrics:
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason=reason).inc()
+
+    def count_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """ssd_requests_total{endpoint,code} and ssd_request_duration_seconds{endpoint} for one answered request.
+        The labelled children are looked up once per (endpoint, status): a lookup takes a lock and costs more
+        than the increment, and a flood of refusals comes through here."""
+        children = self._request_children.get((endpoint, status))
+        if children is None:
+            children = self.request_duration.labels(endpoint=endpoint), self.requests.labels(endpoint, str(status))
+            self._request_children[endpoint, status] = children
+        children[0].observe(seconds)
+        children[1].inc()
 
 
 class ModelMetrics:

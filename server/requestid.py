@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HEADER = "X-Request-ID"
-_HEADER_KEY = HEADER.lower().encode()
+HEADER_KEY = HEADER.lower().encode()
 _USABLE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 access_logger = logging.getLogger("server.access")
@@ -51,7 +51,7 @@ def note_image(width: int, height: int) -> None:
 
 def incoming_id(scope: Scope) -> str:
     for name, value in scope.get("headers", ()):
-        if name == _HEADER_KEY:
+        if name == HEADER_KEY:
             text = value.decode("latin-1").strip()
             if _USABLE.fullmatch(text):
                 return text
@@ -73,7 +73,7 @@ class RequestIdMiddleware:
             return
         record = RequestRecord(incoming_id(scope))
         token = _current.set(record)
-        header = (_HEADER_KEY, record.request_id.encode())
+        header = (HEADER_KEY, record.request_id.encode())
         status = 500
         body_bytes = 0
         started = time.perf_counter()
@@ -89,7 +89,7 @@ class RequestIdMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != _HEADER_KEY]
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != HEADER_KEY]
                 message = {**message, "headers": [*headers, header]}
             await send(message)
 
@@ -97,32 +97,36 @@ class RequestIdMiddleware:
             await self.app(scope, counting_receive, send_with_id)
         finally:
             if self.access_log:
-                self._log(scope, record, status, time.perf_counter() - started, body_bytes)
+                log_access(scope, record, status, time.perf_counter() - started, body_bytes, self.endpoints)
             _current.reset(token)
 
-    def _log(self, scope: Scope, record: RequestRecord, status: int, latency_s: float, body_bytes: int) -> None:
-        path = scope["path"]
-        client = scope.get("client")
-        images = ["%dx%d" % size for size in record.images]
-        latency_ms = round(latency_s * 1000, 3)
-        access_logger.info(
-            '%s "%s %s" %d %.1f ms%s',
-            f"{client[0]}:{client[1]}" if client else "-",
-            scope["method"],
-            path,
-            status,
-            latency_ms,
-            f" image {','.join(images)}" if images else "",
-            extra={
-                "http": {
-                    "method": scope["method"],
-                    "path": path,
-                    "endpoint": path if path in self.endpoints else "other",
-                    "status": status,
-                    "latency_ms": latency_ms,
-                    "body_bytes": body_bytes,
-                    "images": images,
-                    "client": client[0] if client else None,
-                }
-            },
-        )
+
+def log_access(
+    scope: Scope, record: RequestRecord, status: int, latency_s: float, body_bytes: int, endpoints: frozenset[str]
+) -> None:
+    """The access log line of one request (also for those answered before any ASGI work, server.connections)."""
+    path = scope["path"]
+    client = scope.get("client")
+    images = ["%dx%d" % size for size in record.images]
+    latency_ms = round(latency_s * 1000, 3)
+    access_logger.info(
+        '%s "%s %s" %d %.1f ms%s',
+        f"{client[0]}:{client[1]}" if client else "-",
+        scope["method"],
+        path,
+        status,
+        latency_ms,
+        f" image {','.join(images)}" if images else "",
+        extra={
+            "http": {
+                "method": scope["method"],
+                "path": path,
+                "endpoint": path if path in endpoints else "other",
+                "status": status,
+                "latency_ms": latency_ms,
+                "body_bytes": body_bytes,
+                "images": images,
+                "client": client[0] if client else None,
+            }
+        },
+    )

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         description="images admitted at once, from arrival to response; beyond it: 503 + Retry-After before the "
         "body is read (0: max_queue_size, so the batcher's queue never overflows after a decode)",
     )
+    refusals_per_turn: int = Field(
+        64,
+        ge=1,
+        description="under a flood, connections refused at arrival that are read again per turn of the event loop "
+        "(server.connections.RefusalGate; fewer: admitted requests go faster and refusals slower)",
+    )
     drain_seconds: float = Field(
         5.0,
         ge=0,

@@ -7,6 +7,7 @@ what is being tested (a body that never comes, a trickle, garbage on the wire).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import signal
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -112,28 +113,55 @@ def guarded(server_factory: Callable[..., ServerProcess], server: ServerProcess)
 # ------------------------------------------------------------------------------------------ admission
 
 
-def test_over_the_bound_is_refused_at_once_without_reading_the_body(guarded: ServerProcess) -> None:
-    before = metric(guarded.url, "ssd_rejected_requests_total", reason="overloaded")
+@contextlib.contextmanager
+def both_slots_held(guarded: ServerProcess) -> Iterator[None]:
+    """Two requests admitted, then waiting for bodies that do not come: admission is full until exit; after it,
+    the slots are free again and a request is served."""
     holders = [connect(guarded) for _ in range(2)]
     try:
-        for sock in holders:  # admitted, then waiting for a body that does not come: both slots taken
+        for sock in holders:
             sock.sendall(head(length=len(JPEG)) + JPEG[:100])
         wait_for(lambda: metric(guarded.url, "ssd_images_in_flight") == 2, 10, "two requests admitted")
-        with connect(guarded) as sock:
-            started = time.perf_counter()
-            sock.sendall(head(length=1_000_000))  # announces 1 MB, sends none of it
-            reply = read_response(sock)
-            elapsed = time.perf_counter() - started
-        assert reply.startswith("HTTP/1.1 503"), reply
-        assert "retry-after: 1" in reply.lower() and '"error":"overloaded"' in reply.replace(" ", "")
-        assert elapsed < 1.0, f"the refusal took {elapsed * 1000:.0f} ms"
-        assert metric(guarded.url, "ssd_rejected_requests_total", reason="overloaded") == before + 1
+        yield
     finally:
         for sock in holders:
             sock.close()
     wait_for(lambda: metric(guarded.url, "ssd_images_in_flight") == 0, 10, "the slots released")
     ok = httpx.post(f"{guarded.url}/detect", content=JPEG, headers={"content-type": "image/jpeg"}, timeout=60)
     assert ok.status_code == 200
+
+
+def test_over_the_bound_is_refused_at_once_without_reading_the_body(guarded: ServerProcess) -> None:
+    before = metric(guarded.url, "ssd_rejected_requests_total", reason="overloaded")
+    with both_slots_held(guarded), connect(guarded) as sock:
+        started = time.perf_counter()
+        sock.sendall(head(length=1_000_000))  # announces 1 MB, sends none of it
+        reply = read_response(sock)
+        elapsed = time.perf_counter() - started
+    assert reply.startswith("HTTP/1.1 503"), reply
+    assert "retry-after: 1" in reply.lower() and '"error":"overloaded"' in reply.replace(" ", "")
+    assert elapsed < 1.0, f"the refusal took {elapsed * 1000:.0f} ms"
+    assert metric(guarded.url, "ssd_rejected_requests_total", reason="overloaded") == before + 1
+
+
+def test_a_refusal_at_arrival_is_a_whole_response_on_a_kept_alive_connection(guarded: ServerProcess) -> None:
+    """Refused by the protocol itself (server.connections), the 503 still carries what the middleware stack
+    adds: the request id, the metrics; the connection stays usable, and the body sent meanwhile is skipped."""
+    counted = metric(guarded.url, "ssd_requests_total", endpoint="/detect", code="503")
+    with both_slots_held(guarded), connect(guarded) as sock:
+        replies = []
+        for i in range(3):  # the whole body each time: the next request follows it on the same connection
+            sock.sendall(head(length=len(JPEG), extra=f"X-Request-ID: flood-{i}\r\n") + JPEG)
+            replies.append(read_response(sock))
+        sock.sendall(head(length=len(JPEG), extra="Expect: 100-continue\r\n"))  # no body unless told
+        waiting = read_response(sock)
+        assert sock.recv(1) == b"", "a refused 100-continue request must close: its body may never come"
+    for i, reply in enumerate(replies):
+        assert reply.startswith("HTTP/1.1 503"), reply
+        assert f"x-request-id: flood-{i}" in reply.lower() and f'"request_id":"flood-{i}"' in reply, reply
+        assert "connection: close" not in reply.lower(), reply
+    assert waiting.startswith("HTTP/1.1 503") and "connection: close" in waiting.lower(), waiting
+    assert metric(guarded.url, "ssd_requests_total", endpoint="/detect", code="503") == counted + 4
 
 
 def test_a_flood_gets_fast_503s_and_the_admitted_are_served(guarded: ServerProcess) -> None:
