@@ -118,6 +118,7 @@ def log_access(
         latency_ms,
         f" image {','.join(images)}" if images else "",
         extra={
+            "request_id": record.request_id,  # also where no request context is set (server.logs.RequestIdFilter)
             "http": {
                 "method": scope["method"],
                 "path": path,

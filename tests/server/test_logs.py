@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -85,6 +86,26 @@ def test_batch_reports_every_image(json_server: ServerProcess) -> None:
     response = httpx.post(f"{json_server.url}/detect/batch", files=files, headers=headers, timeout=60)
     assert response.status_code == 200
     assert access_entry(json_server, "batch-2")["images"] == ["1200x600", "1200x600"]
+
+
+def test_a_refusal_at_arrival_has_its_access_line(server_factory: Callable[..., ServerProcess]) -> None:
+    """Refused by the protocol before any ASGI work (server.connections), a 503 is still logged like the rest."""
+    full = server_factory(
+        {"log_format": "json", "access_log": True, "warmup": False, "max_in_flight": 1, "max_batch_size": 1}
+    )
+    host, port = full.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as holder:  # admitted; its body never comes
+        holder.sendall(b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 9999\r\n\r\n")
+        deadline = time.monotonic() + 10
+        while "ssd_images_in_flight 1.0" not in httpx.get(f"{full.url}/metrics", timeout=30).text:
+            assert time.monotonic() < deadline, "the holding request was not admitted"
+            time.sleep(0.05)
+        refused = httpx.post(
+            f"{full.url}/detect", content=CATS.read_bytes(), headers={"x-request-id": "refused-1"}, timeout=30
+        )
+    assert refused.status_code == 503 and refused.json()["request_id"] == "refused-1"
+    entry = access_entry(full, "refused-1")
+    assert (entry["method"], entry["endpoint"], entry["status"], entry["body_bytes"]) == ("POST", "/detect", 503, 0)
 
 
 # ------------------------------------------------------------------------------------------ in-process
