@@ -173,7 +173,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     on_reject: Callable[[str], None] | None = None  # counts what is refused here, before any ASGI request
     # scope -> the response to send now instead of running the app (it counts and logs it), or None
     answer_at_arrival: Callable[[Scope], EarlyResponse | None] | None = None
-    refusal_gate: RefusalGate
+    refusal_gate: RefusalGate  # set by protocol_class
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -309,9 +309,9 @@ async def _over_connection_limit(scope: Scope, receive: Receive, send: Send) -> 
 def protocol_class(
     client_timeout_s: float,
     max_header_bytes: int,
+    refusals_per_turn: int,
     on_reject: Callable[[str], None] | None = None,
     answer_at_arrival: Callable[[Scope], EarlyResponse | None] | None = None,
-    refusals_per_turn: int = 64,
 ) -> type[GuardedHttpToolsProtocol]:
     """The protocol for uvicorn.Config(http=...), with these bounds; `on_reject(reason)` counts its refusals,
     `answer_at_arrival` answers requests the app refuses before any ASGI work, and the connections it refuses
