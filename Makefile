@@ -54,6 +54,6 @@ gpu-check:
 # Where there is network: the pure-Python wheels gpu-check installs on an offline GPU host (into .venv-gpu, which
 # sees the host's torch). Copy wheels/ with the tree; GPU_PY should be the GPU host's Python version.
 GPU_WHEEL_PACKAGES := fastapi "uvicorn[standard]" pydantic pydantic-settings python-multipart pillow \
-	prometheus-client orjson onnx tflite httpx pytest opencv-python-headless pyyaml
+	prometheus-client orjson onnx tflite httpx pytest opencv-python-headless pyyaml simplejpeg
 gpu-wheels:
 	$(GPU_PY) -m pip download -q --only-binary=:all: -d wheels $(GPU_WHEEL_PACKAGES)

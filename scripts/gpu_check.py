@@ -41,6 +41,7 @@ NEEDED = {
     "pydantic_settings": "pydantic-settings", "multipart": "python-multipart", "PIL": "pillow",
     "prometheus_client": "prometheus-client", "orjson": "orjson", "onnx": "onnx", "tflite": "tflite",
     "httpx": "httpx", "pytest": "pytest", "cv2": "opencv-python-headless", "yaml": "pyyaml",
+    "simplejpeg": "simplejpeg",
 }
 HOST_ONLY = ("torch", "torchvision", "onnxruntime")  # never installed by this script
 

@@ -9,6 +9,12 @@ engine and thread. The loop takes a batch only once an instance is free, so whil
 into the next, larger batch. On a CPU, two single-session instances beat one session running each batch on two
 threads (its parallel sections leave cores idle between operators; figures in BENCHMARKS.md).
 
+Solo: a batch of one image that runs while nothing else does (no other batch, nothing queued or being decoded)
+goes to the instance's `solo` infer where the engine has one (OnnxRuntimeEngine.infer_solo: the same results,
+from threads that spin, ~1 ms sooner at batch 1 on 2 cores). Under load every batch takes the plain infer. Each
+batch goes to the lowest-numbered free instance, so at low load one warm instance does the work, and a solo batch
+(every instance free) always runs on the first.
+
 Per-item isolation (Triton's execute contract): every pending record has its own future. A full queue refuses
 at `submit` (QueueFull); an image past its request's deadline (or that waited past `request_timeout_s`) is answered
 RequestTimeout when dequeued and never reaches the engine; a cancelled one (client gone) is skipped; only an engine failure reaches a whole batch (EngineError), and the next batch
@@ -86,9 +92,11 @@ class DynamicBatcher:
         config: BatcherConfig,
         metrics: ModelMetrics | None = None,
         executors: Sequence[ThreadPoolExecutor] | None = None,
+        solo: Sequence[InferFn | None] | None = None,
     ) -> None:
         """`infer`: the engine's infer, or one per instance. `executors`: each instance's single thread, when the
-        caller owns them (and loaded the engines there); by default the batcher makes its own."""
+        caller owns them (and loaded the engines there); by default the batcher makes its own. `solo`: per
+        instance, the infer for a lone image with nothing else to do (None: `infer`)."""
         self._infers = [infer] if callable(infer) else list(infer)
         if not self._infers:
             raise ValueError("at least one engine instance is needed")
@@ -102,6 +110,9 @@ class DynamicBatcher:
         ]
         if len(self._executors) != len(self._infers):
             raise ValueError(f"{len(self._infers)} engine instances but {len(self._executors)} executors")
+        self._solos = list(solo) if solo is not None else [None] * len(self._infers)
+        if len(self._solos) != len(self._infers):
+            raise ValueError(f"{len(self._infers)} engine instances but {len(self._solos)} solo paths")
         height, width = config.input_size
         # Batches are assembled on their instance's thread, one at a time there: one buffer per instance.
         self._buffers = [
@@ -176,20 +187,23 @@ class DynamicBatcher:
     # ------------------------------------------------------------------------------------------ batching
 
     async def _run(self) -> None:
-        free: asyncio.LifoQueue[int] = asyncio.LifoQueue()  # LIFO: at low load one warm instance does the work
-        for instance in reversed(range(len(self._infers))):  # instance 0 on top
+        free: asyncio.PriorityQueue[int] = asyncio.PriorityQueue()  # the lowest-numbered free instance first
+        for instance in range(len(self._infers)):
             free.put_nowait(instance)
         while True:
             instance = await free.get()
             batch = await self._wait_for_batch()
+            free.put_nowait(instance)
             if not batch:
-                free.put_nowait(instance)
                 continue
+            # Taken again now the batch is formed: the lowest free one, so at low load one warm instance does
+            # the work (its caches and threads stay hot) instead of alternating with the one taken meanwhile.
+            instance = free.get_nowait()
             task = asyncio.get_running_loop().create_task(self._run_batch(batch, instance))
             self._running.add(task)
             task.add_done_callback(functools.partial(self._batch_done, free, instance))
 
-    def _batch_done(self, free: asyncio.LifoQueue[int], instance: int, task: asyncio.Task[None]) -> None:
+    def _batch_done(self, free: asyncio.PriorityQueue[int], instance: int, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         free.put_nowait(instance)
 
@@ -247,13 +261,15 @@ class DynamicBatcher:
 
     async def _run_batch(self, batch: list[Pending], instance: int) -> None:
         started = time.perf_counter()
+        # One image and nothing else to do (no other batch, none queued or being decoded): the engine's solo path.
+        solo = len(batch) == 1 and len(self._running) == 1 and self._queue.empty() and self._incoming == 0
         if self._metrics is not None:
             for pending in batch:
                 self._metrics.queue_wait.observe(started - pending.enqueued_at)
         loop = asyncio.get_running_loop()
         try:
             output = await loop.run_in_executor(
-                self._executors[instance], self._infer_batch, instance, [p.image for p in batch]
+                self._executors[instance], self._infer_batch, instance, [p.image for p in batch], solo
             )
             inference_s = time.perf_counter() - started
             check_batch_output(output, len(batch))
@@ -288,12 +304,13 @@ class DynamicBatcher:
                 )
             )
 
-    def _infer_batch(self, instance: int, images: list[np.ndarray]) -> EngineOutput:
+    def _infer_batch(self, instance: int, images: list[np.ndarray], solo: bool) -> EngineOutput:
         """On the instance's thread: copy the images into its batch buffer, run its engine."""
         batch = self._buffers[instance][: len(images)]
         for slot, image in zip(batch, images):
             slot[...] = image
-        return self._infers[instance](batch)
+        infer = self._solos[instance] if solo else None
+        return (infer or self._infers[instance])(batch)
 
     def _set_depth(self) -> None:
         if self._metrics is not None:

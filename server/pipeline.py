@@ -133,8 +133,9 @@ class Pipeline:
                 "max_batch_size %d is above the %s the file was exported for", settings.max_batch_size, exported_max
             )
         if settings.warmup:
-            for engine, thread in zip(engines, self._engine_threads):  # one at a time: each gets the whole CPU
-                await loop.run_in_executor(thread, self._warm_up, engine, metadata)
+            for i, (engine, thread) in enumerate(zip(engines, self._engine_threads)):  # one at a time: whole CPU
+                # A lone batch always finds the first instance free (server.batcher): only it runs solo.
+                await loop.run_in_executor(thread, self._warm_up, engine, metadata, i == 0)
         config = BatcherConfig(
             input_size=metadata.input_size,
             max_batch_size=settings.max_batch_size,
@@ -143,13 +144,17 @@ class Pipeline:
             request_timeout_s=settings.request_timeout_ms / 1000.0,
         )
         self._batcher = DynamicBatcher(
-            [engine.infer for engine in engines], config, self.metrics, executors=self._engine_threads
+            [engine.infer for engine in engines],
+            config,
+            self.metrics,
+            executors=self._engine_threads,
+            solo=[getattr(engine, "infer_solo", None) for engine in engines],
         )
         self._batcher.start()
         self.metrics.set_model(settings.engine, metadata.input_size)
         logger.info("ready: max batch %d, queue delay %g ms", settings.max_batch_size, settings.max_queue_delay_ms)
 
-    def _warm_up(self, engine: Engine, metadata: ModelMetadata) -> None:
+    def _warm_up(self, engine: Engine, metadata: ModelMetadata, solo: bool) -> None:
         height, width = metadata.input_size
         rng = np.random.default_rng(0)
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -157,6 +162,11 @@ class Pipeline:
             started = time.perf_counter()
             check_batch_output(engine.infer(np.repeat(image[None], size, axis=0)), size)
             logger.info("warm-up: batch %d in %.1f ms", size, (time.perf_counter() - started) * 1000)
+        infer_solo = getattr(engine, "infer_solo", None)
+        if solo and infer_solo is not None:
+            started = time.perf_counter()
+            check_batch_output(infer_solo(image[None]), 1)
+            logger.info("warm-up: a lone image (solo) in %.1f ms", (time.perf_counter() - started) * 1000)
 
     async def stop(self) -> None:
         if self._batcher is not None:

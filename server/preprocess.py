@@ -1,11 +1,15 @@
-"""bytes -> the model's input: decode (PIL), EXIF orientation, RGB, bilinear resize without antialiasing, uint8.
+"""bytes -> the model's input: decode, EXIF orientation, RGB, bilinear resize without antialiasing, uint8.
+
+PIL reads every header and decodes every format; a JPEG's pixels come from simplejpeg where it can (the same
+pixels, less CPU: `decode_jpeg_rgb`), and from PIL otherwise.
 
 Runs in the decode thread pool, never on the event loop. Everything that can be wrong with an image is found
 here, before the image joins a batch: empty body, not an image, a format we do not take, truncated or corrupt
 data (400), more pixels than allowed (413, checked from the header before any pixel is decoded).
 
-Conversion to RGB and the resize are the model contract's (`model_export.contract.image.model_input`): the very
-function validation feeds the exported model with, so the server needs no torch and cannot drift from it.
+Conversion to RGB and the resize are the model contract's (`model_export.contract.image`: `model_input`, or its
+`resize_bilinear` on simplejpeg's RGB): the very functions validation feeds the exported model with, so the server
+needs no torch and cannot drift from it.
 
 Opt-in (`jpeg_draft`, setting SSD_JPEG_DRAFT): a large JPEG is decoded at a reduced DCT scale first, which is
 faster but antialiased, so it is not the validated filter; its accuracy effect is measured in BENCHMARKS.md.
@@ -15,12 +19,14 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model_export.contract.image import model_input
+from model_export.contract.image import model_input, resize_bilinear
 from server.errors import EmptyBody, ImageTooLarge, InvalidImage, UnsupportedMediaType
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
@@ -83,6 +89,11 @@ def _decode(
     draft_for: the model's input (height, width) to let a large JPEG decode at a reduced DCT scale (1/2, 1/4,
     1/8) that keeps both sides >= 2x it; None decodes every pixel. The returned size is the original's either way.
     """
+    return _load(_open(data, max_pixels=max_pixels), draft_for=draft_for)
+
+
+def _open(data: bytes, *, max_pixels: int) -> Image.Image:
+    """The image's header, checked (format, size, and a JPEG's data length); no pixel decoded yet."""
     if not data:
         raise EmptyBody("the request carries no image data")
     try:
@@ -100,6 +111,12 @@ def _decode(
         raise ImageTooLarge(f"the image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     if image.format == "JPEG":
         check_jpeg_data_length(data)
+    return image
+
+
+def _load(image: Image.Image, *, draft_for: tuple[int, int] | None) -> tuple[Image.Image, tuple[int, int]]:
+    """An opened image's pixels with its EXIF orientation applied, and its original (width, height) as shown."""
+    width, height = image.size  # as stored, before a draft
     try:
         drafted = draft_for is not None and image.format == "JPEG" and _draft(image, draft_for)
         image.load()
@@ -201,6 +218,47 @@ def preprocess(
     height stay the original image's, so boxes are still in original pixels.
     """
     start = time.perf_counter()
-    image, (width, height) = _decode(data, max_pixels=max_pixels, draft_for=input_size if jpeg_draft else None)
-    pixels = model_input(image, input_size)
+    image = _open(data, max_pixels=max_pixels)
+    rgb = None if jpeg_draft else decode_jpeg_rgb(data, image)
+    if rgb is not None:
+        height, width = rgb.shape[:2]
+        pixels = resize_bilinear(rgb, input_size)
+    else:
+        loaded, (width, height) = _load(image, draft_for=input_size if jpeg_draft else None)
+        pixels = model_input(loaded, input_size)
     return PreparedImage(pixels=pixels, width=width, height=height, decode_s=time.perf_counter() - start)
+
+
+_EXIF_ORIENTATION = 0x0112
+_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {  # PIL's ImageOps.exif_transpose, on [H, W, C] arrays
+    2: lambda a: a[:, ::-1],  # FLIP_LEFT_RIGHT
+    3: lambda a: a[::-1, ::-1],  # ROTATE_180
+    4: lambda a: a[::-1],  # FLIP_TOP_BOTTOM
+    5: lambda a: a.transpose(1, 0, 2),  # TRANSPOSE
+    6: lambda a: a.transpose(1, 0, 2)[:, ::-1],  # ROTATE_270: a quarter turn clockwise
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # TRANSVERSE
+    8: lambda a: a.transpose(1, 0, 2)[::-1],  # ROTATE_90: a quarter turn anticlockwise
+}
+
+
+def decode_jpeg_rgb(data: bytes, image: Image.Image) -> np.ndarray | None:
+    """A colour or grey JPEG opened by PIL (`image`, header checked), decoded by simplejpeg: uint8 [H, W, 3] RGB
+    with its EXIF orientation applied, or None where PIL decodes it instead.
+
+    The same pixels as PIL's decode (both libjpeg-turbo at its exact defaults: integer IDCT, smooth chroma
+    upsampling; tests/server/test_preprocess.py holds it on every shared photo, each orientation and subsampling)
+    without PIL's copy of the result into numpy: 0.3 ms less per 640x480 photo in the server (BENCHMARKS.md,
+    section 5). simplejpeg is strict: any libjpeg warning (corrupt or cut data) raises, and PIL then decides as
+    before, so bad input gets exactly the answers it got; OpenCV's decoder would print those warnings on stderr.
+    None also for CMYK and other modes.
+    """
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return None
+    try:
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except Exception:  # noqa: BLE001 - corrupt, cut, or a kind libjpeg-turbo refuses: PIL's decode decides
+        return None
+    if rgb.shape[:2] != (image.height, image.width):
+        return None
+    orient = _ORIENT.get(image.getexif().get(_EXIF_ORIENTATION, 1))
+    return rgb if orient is None else orient(rgb)

@@ -39,3 +39,6 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    # Optional: `infer_solo(images) -> EngineOutput`, the same results for a batch that runs while nothing else
+    # does, tuned for latency (ONNX Runtime on the CPU: threads that spin). The batcher uses it where it exists.

@@ -3,6 +3,8 @@
 load    one InferenceSession (intra-op threads as configured, sequential execution, all graph optimisations);
         the description is read from the file's own metadata; the input and outputs are checked against the contract
 infer   CPU: session.run; CUDA: the batch is copied to the device once (OrtValue), outputs bound to host memory
+infer_solo  the same, for a batch the batcher runs while nothing else runs: on the CPU, a second session of the
+        file whose threads spin while it runs (made on the first call)
 
 On CUDA (`cuda_provider_options`): TF32 off unless fp16 is asked for (ORT has no fp16 mode for a float32 file;
 TF32 convolutions are the reduced precision it offers), and cuDNN's HEURISTIC algorithm choice, so that a batch
@@ -132,8 +134,23 @@ def session_options_for(ort: Any, intra_op_threads: int) -> Any:
     session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # ORT's intra-op threads busy-wait for work by default. In the server the decode threads need those cores:
     # measured on 2 cores, spinning cost ~20% more CPU per image at batch 32 and, with small batches, ~2 ms of
-    # CPU per request, for ~3 ms less latency at batch 1. Throughput wins here.
+    # CPU per request. Throughput wins here; a lone image gets the spinning session (solo_session_options_for).
     session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return session_options
+
+
+def solo_session_options_for(ort: Any, intra_op_threads: int) -> Any:
+    """`session_options_for`, for a batch that runs while nothing else does (`OnnxRuntimeEngine.infer_solo`).
+
+    Its intra-op threads spin between operators instead of sleeping and being woken at each one, and stop
+    spinning as soon as the run returns (`session.force_spinning_stop`), so they take no CPU from the request's
+    next steps. On 2 cores: ~1 ms less per lone image at 0.5-1.5 ms more CPU, spent on a core nothing else wanted
+    (BENCHMARKS.md, section 5). The other session does not spin: under load a spinning thread takes the core a
+    decode or the other instance needs (-8% throughput with spinning bounded to 100 us, -20% and more unbounded).
+    """
+    session_options = session_options_for(ort, intra_op_threads)
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    session_options.add_session_config_entry("session.force_spinning_stop", "1")
     return session_options
 
 
@@ -142,7 +159,10 @@ class OnnxRuntimeEngine:
 
     def __init__(self) -> None:
         self._session: Any = None
+        self._solo_session: Any = None  # CPU: infer_solo's, made on its first call
         self._ort: Any = None
+        self._path: Path | None = None
+        self._intra_op_threads = 0
         self._cuda_device: int | None = None
 
     def load(self, path: Path, options: EngineOptions) -> ModelMetadata:
@@ -192,6 +212,7 @@ class OnnxRuntimeEngine:
             )
         check_contract(session, metadata, path)
         self._session, self._ort = session, ort
+        self._path, self._intra_op_threads = path, options.intra_op_threads
         return metadata
 
     def infer(self, images: np.ndarray) -> EngineOutput:
@@ -201,8 +222,24 @@ class OnnxRuntimeEngine:
             outputs = self._session.run(OUTPUT_NAMES, {INPUT_NAME: images})
         else:
             outputs = self._infer_bound(images)
-        num_detections, boxes, scores, classes = outputs
-        return EngineOutput(num_detections=num_detections, boxes=boxes, scores=scores, classes=classes)
+        return _output(outputs)
+
+    def infer_solo(self, images: np.ndarray) -> EngineOutput:
+        """`infer` for a batch that runs while nothing else does: the same results, sooner, from a second session
+        of the same file whose threads spin while it runs (`solo_session_options_for`); on CUDA, `infer`.
+
+        The session is made on the first call (the batcher sends lone batches to its first instance only, which
+        the server warms up with one): ~30 MB of RSS for the default model that the other instances do not spend."""
+        if self._cuda_device is not None:
+            return self.infer(images)
+        if self._solo_session is None:
+            if self._session is None:
+                raise RuntimeError("infer_solo() before load()")
+            options = solo_session_options_for(self._ort, self._intra_op_threads)  # the same threads: same results
+            self._solo_session = self._ort.InferenceSession(
+                str(self._path), options, providers=["CPUExecutionProvider"]
+            )
+        return _output(self._solo_session.run(OUTPUT_NAMES, {INPUT_NAME: images}))
 
     def _infer_bound(self, images: np.ndarray) -> list[np.ndarray]:
         # The batch goes to the device in one copy; ORT allocates the outputs (their batch size varies) in host memory.
@@ -215,4 +252,9 @@ class OnnxRuntimeEngine:
         return binding.copy_outputs_to_cpu()
 
     def close(self) -> None:
-        self._session = None
+        self._session = self._solo_session = None
+
+
+def _output(outputs: list[np.ndarray]) -> EngineOutput:
+    num_detections, boxes, scores, classes = outputs
+    return EngineOutput(num_detections=num_detections, boxes=boxes, scores=scores, classes=classes)

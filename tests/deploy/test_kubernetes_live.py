@@ -24,7 +24,7 @@ from _kubernetes_manifests import adapter_rule, pod_spec, render, server_contain
 NAMESPACE, POD = "ssd-test", "ssd-serve-7d9f-abcde"
 PHOTO = SHARED / "data" / "images" / "cats_and_dogs.jpg"
 CLIENTS = 4
-MAX_REQUESTS = 400  # bounded traffic, whatever the wait
+MAX_REQUESTS = 4000  # bounded traffic that lasts until the metric is seen (400 can end before the first scrape)
 WAIT_S = 60.0
 
 

@@ -162,6 +162,55 @@ def test_instances_run_batches_side_by_side_and_the_queue_grows_meanwhile() -> N
     assert first.batches == [[1]] and second.batches == [[2], [3, 4, 5]]
 
 
+def test_sequential_requests_all_run_on_the_first_instance() -> None:
+    """At low load one warm instance does the work: the lowest free one takes each batch, not the one the loop
+    happened to hold when the request arrived."""
+    first, second = RecordingEngine(), RecordingEngine()
+
+    async def scenario() -> None:
+        config = BatcherConfig(input_size=SIZE, max_batch_size=8, max_queue_delay_s=0.0)
+        batcher = DynamicBatcher([first, second], config)  # type: ignore[list-item]
+        batcher.start()
+        for marker in range(6):
+            assert (await batcher.submit(image(marker))).num_detections == marker
+        await batcher.stop()
+
+    run(scenario())
+    assert first.batches == [[m] for m in range(6)] and second.batches == []
+
+
+def test_a_lone_image_takes_the_solo_path_and_any_other_work_the_plain_one() -> None:
+    plain, solo = [RecordingEngine(), RecordingEngine()], [RecordingEngine(), RecordingEngine()]
+
+    async def scenario() -> None:
+        config = BatcherConfig(input_size=SIZE, max_batch_size=8, max_queue_delay_s=0.01)
+        batcher = DynamicBatcher(plain, config, solo=solo)  # type: ignore[arg-type]
+        batcher.start()
+        assert (await batcher.submit(image(1))).num_detections == 1  # nothing else: solo
+        await asyncio.gather(*(batcher.submit(image(m)) for m in (2, 3, 4)))  # a batch of three: plain
+        with batcher.incoming():  # another request is being decoded: plain, and the batch closes at the delay
+            assert (await batcher.submit(image(5))).num_detections == 5
+        solo[0].gate.clear()
+        solo[0].entered.clear()
+        running = batcher.submit(image(6))  # alone when it starts: solo, on the first instance
+        await asyncio.get_running_loop().run_in_executor(None, solo[0].entered.wait, 5)
+        beside = batcher.submit(image(7))  # another batch is running: plain, on the second instance
+        assert (await beside).num_detections == 7
+        solo[0].gate.set()
+        assert (await running).num_detections == 6
+        assert (await batcher.submit(image(8))).num_detections == 8  # alone again
+        await batcher.stop()
+
+    run(scenario())
+    assert solo[0].batches == [[1], [6], [8]] and solo[1].batches == []
+    assert plain[0].batches == [[2, 3, 4], [5]] and plain[1].batches == [[7]]
+
+
+def test_solo_paths_pair_up_with_instances() -> None:
+    with pytest.raises(ValueError, match="1 engine instances but 2 solo paths"):
+        DynamicBatcher(RecordingEngine(), BatcherConfig(input_size=SIZE), solo=[None, None])  # type: ignore[arg-type]
+
+
 def test_instances_and_executors_must_pair_up() -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,11 +18,16 @@ from server.engines.onnxruntime import (
     OnnxRuntimeEngine,
     cuda_provider_options,
     missing_cuda_libraries,
+    session_options_for,
+    solo_session_options_for,
 )
+from server.preprocess import preprocess
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PHOTOS = sorted((REPO_ROOT.parent / "shared" / "data" / "voc2012_sample" / "JPEGImages").glob("*.jpg"))[:8]
 SIZE = (8, 8)
 K = 3
 METADATA = ModelMetadata(
@@ -102,6 +108,39 @@ def test_load_reads_the_description_and_infer_follows_the_contract(tmp_path: Pat
     assert out.boxes.shape == (3, K, 4) and out.boxes.dtype == np.float32
     np.testing.assert_allclose(out.scores[:, 0], [0.0, 0.2, 1.0], atol=1e-6)
     assert out.classes.dtype == np.int32 and out.classes[:, 0].tolist() == [2, 2, 2]
+    engine.close()
+
+
+def test_only_the_solo_session_spins_and_it_stops_when_its_run_returns() -> None:
+    import onnxruntime as ort
+
+    plain, solo = session_options_for(ort, 0), solo_session_options_for(ort, 0)
+    assert plain.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert solo.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert solo.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert solo.intra_op_num_threads == plain.intra_op_num_threads  # the same threads: the same partitioning
+
+
+def test_infer_solo_gives_what_infer_gives_on_real_photos(server) -> None:  # type: ignore[no-untyped-def]
+    """The default model (as the session's server found or exported it), one photo at a time: bit for bit."""
+    path = Path(os.environ.get("SSD_MODEL") or REPO_ROOT / "weights" / "ssd_mobilenet_v1_coco.onnx")
+    engine = OnnxRuntimeEngine()
+    engine.load(path, EngineOptions())
+    assert len(PHOTOS) == 8
+    for photo in PHOTOS:
+        pixels = preprocess(photo.read_bytes(), (300, 300)).pixels[None]
+        plain, solo = engine.infer(pixels), engine.infer_solo(pixels)
+        assert int(plain.num_detections[0]) > 0
+        for field in ("num_detections", "boxes", "scores", "classes"):
+            np.testing.assert_array_equal(getattr(solo, field), getattr(plain, field), err_msg=f"{photo.name} {field}")
+    engine.close()
+
+
+def test_infer_solo_on_a_contract_file(tmp_path: Path) -> None:
+    engine = OnnxRuntimeEngine()
+    engine.load(contract_model(tmp_path / "m.onnx"), EngineOptions(intra_op_threads=1))
+    images = np.full((1, *SIZE, 3), 51, np.uint8)
+    np.testing.assert_allclose(engine.infer_solo(images).scores[:, 0], [0.2], atol=1e-6)
     engine.close()
 
 

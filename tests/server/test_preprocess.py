@@ -11,20 +11,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image
 
-from model_export.contract.image import resize_bilinear, to_rgb
+from model_export.contract.image import model_input, resize_bilinear, to_rgb
 from server.errors import EmptyBody, ImageTooLarge, InvalidImage, UnsupportedMediaType
 from server.preprocess import (
     DEFAULT_MAX_IMAGE_PIXELS,
     _decode,
+    _open,
     check_content_type,
     decode,
+    decode_jpeg_rgb,
     preprocess,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CATS = REPO_ROOT.parent / "shared" / "data" / "images" / "cats_and_dogs.jpg"
+SHARED = REPO_ROOT.parent / "shared"
+CATS = SHARED / "data" / "images" / "cats_and_dogs.jpg"
+SHARED_JPEGS = sorted(SHARED.glob("data/**/*.jpg"))
 
 
 def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
@@ -185,6 +190,121 @@ def test_exif_orientation_is_applied(orientation: int, size: tuple[int, int], le
     else:  # rotated a quarter turn: the halves are now top and bottom
         top, bottom = image.getpixel((10, 2)), image.getpixel((10, 37))
         assert top != bottom
+
+
+# ---------------------------------------------------------------------------------- simplejpeg's decode
+
+
+def pil_reference(data: bytes, size: tuple[int, int] = (300, 300)) -> tuple[np.ndarray, tuple[int, int]]:
+    """The model input as PIL decodes it (decode, EXIF orientation, RGB, `model_input`), and the image's size."""
+    image = decode(data)
+    return model_input(image, size), image.size
+
+
+def takes_simplejpeg(data: bytes) -> bool:
+    return decode_jpeg_rgb(data, _open(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)) is not None
+
+
+def test_shared_photos_exist() -> None:
+    assert len(SHARED_JPEGS) >= 50, f"expected the shared photos under {SHARED / 'data'}"
+
+
+@pytest.mark.parametrize("path", SHARED_JPEGS, ids=lambda path: path.name)
+def test_simplejpeg_decodes_every_shared_photo_to_pils_pixels(path: Path) -> None:
+    data = path.read_bytes()
+    assert takes_simplejpeg(data)
+    prepared = preprocess(data, (300, 300))
+    pixels, size = pil_reference(data)
+    np.testing.assert_array_equal(prepared.pixels, pixels)
+    assert (prepared.width, prepared.height) == size
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_simplejpeg_path_applies_every_exif_orientation_as_pil_does(orientation: int) -> None:
+    with Image.open(CATS) as photo:
+        image = photo.convert("RGB").resize((160, 90))  # not square: a quarter turn shows in the size
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(image, "JPEG", quality=90, exif=exif.tobytes())
+    assert takes_simplejpeg(data)
+    prepared = preprocess(data, (300, 300))
+    pixels, size = pil_reference(data)
+    np.testing.assert_array_equal(prepared.pixels, pixels)
+    assert (prepared.width, prepared.height) == size == ((90, 160) if orientation >= 5 else (160, 90))
+
+
+@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0
+def test_simplejpeg_matches_pil_for_each_chroma_subsampling(subsampling: int) -> None:
+    with Image.open(CATS) as photo:
+        data = encode(photo.convert("RGB").resize((333, 251)), "JPEG", quality=85, subsampling=subsampling)
+    assert takes_simplejpeg(data)
+    np.testing.assert_array_equal(preprocess(data, (300, 300)).pixels, pil_reference(data)[0])
+
+
+def test_simplejpeg_matches_pil_for_grey_and_progressive_jpegs() -> None:
+    with Image.open(CATS) as photo:
+        small = photo.convert("RGB").resize((200, 150))
+    for data in (encode(small.convert("L"), "JPEG", quality=90), encode(small, "JPEG", progressive=True)):
+        assert takes_simplejpeg(data)
+        np.testing.assert_array_equal(preprocess(data, (300, 300)).pixels, pil_reference(data)[0])
+
+
+def test_pil_decodes_cmyk_jpegs_and_simplejpeg_takes_padded_ones() -> None:
+    with Image.open(CATS) as photo:
+        small = photo.convert("RGB").resize((200, 150))
+    cmyk = encode(small.convert("CMYK"), "JPEG", quality=90)
+    padded = encode(small, "JPEG", quality=90) + b"\0" * 16  # a camera's padding after the EOI marker
+    for data, simple in ((cmyk, False), (padded, True)):
+        assert takes_simplejpeg(data) == simple
+        np.testing.assert_array_equal(preprocess(data, (300, 300)).pixels, pil_reference(data)[0])
+
+
+def test_corrupt_and_cut_jpegs_get_pils_answers() -> None:
+    """simplejpeg refuses what libjpeg warns about; PIL then decides as it always did: a file cut without its EOI
+    is refused as truncated, one that ends early with an EOI decodes with a grey tail."""
+    jpeg = CATS.read_bytes()
+    cut = jpeg[: len(jpeg) * 3 // 4]
+    assert not takes_simplejpeg(cut)
+    with pytest.raises(InvalidImage, match="truncated"):
+        preprocess(cut, (300, 300))
+    ended_early = cut + b"\xff\xd9"
+    corrupt = bytearray(jpeg)
+    corrupt[len(jpeg) // 2 : len(jpeg) // 2 + 50] = b"\x13" * 50
+    for data in (ended_early, bytes(corrupt)):
+        assert not takes_simplejpeg(data)
+        np.testing.assert_array_equal(preprocess(data, (300, 300)).pixels, pil_reference(data)[0])
+
+
+def test_simplejpeg_decodes_without_holding_the_gil() -> None:
+    """The decode pool's threads must leave the event loop running while they decode."""
+    import threading
+    import time
+
+    data = CATS.read_bytes()
+    counts: list[int] = []
+    stop = threading.Event()
+
+    def count() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+        counts.append(n)
+
+    def rate(work) -> float:  # type: ignore[no-untyped-def]
+        counts.clear()
+        stop.clear()
+        thread = threading.Thread(target=count)
+        started = time.perf_counter()
+        thread.start()
+        work()
+        elapsed = time.perf_counter() - started
+        stop.set()
+        thread.join()
+        return counts[0] / elapsed
+
+    idle = rate(lambda: time.sleep(0.3))
+    decoding = rate(lambda: [simplejpeg.decode_jpeg(data) for _ in range(30)])
+    assert decoding > 0.5 * idle, (decoding, idle)  # holding the GIL would leave the counter a small fraction
 
 
 def test_empty_data_is_refused() -> None:
