@@ -46,10 +46,13 @@ async def single_image(request: Request) -> Upload:
     content_type = request.headers.get("content-type")
     if media_type(content_type) == MULTIPART:
         form = await _form(request, max_files=1)
-        part = form.get(SINGLE_FIELD)
-        if part is None:
-            raise MissingField(f"the multipart body has no {SINGLE_FIELD!r} field")
-        upload = await _part(part, SINGLE_FIELD)
+        try:
+            part = form.get(SINGLE_FIELD)
+            if part is None:
+                raise MissingField(f"the multipart body has no {SINGLE_FIELD!r} field")
+            upload = await _part(part, SINGLE_FIELD)
+        finally:
+            await form.close()  # the parts' spooled files: their bytes are read
     else:
         check_content_type(content_type)
         upload = Upload(data=await request.body(), content_type=content_type)
@@ -69,12 +72,15 @@ async def batch_images(request: Request, max_images: int) -> list[Upload]:
             f"/detect/batch takes multipart/form-data with one {BATCH_FIELD!r} part per image, got {media_type(content_type)!r}"
         )
     form = await _form(request, max_files=max_images)
-    parts = form.getlist(BATCH_FIELD) or form.getlist(SINGLE_FIELD)
-    if not parts:
-        raise MissingField(f"the multipart body has no {BATCH_FIELD!r} parts")
-    if len(parts) > max_images:
-        raise TooManyImages(f"{len(parts)} images in one request; the limit is {max_images}")
-    return [await _part(part, BATCH_FIELD) for part in parts]
+    try:
+        parts = form.getlist(BATCH_FIELD) or form.getlist(SINGLE_FIELD)
+        if not parts:
+            raise MissingField(f"the multipart body has no {BATCH_FIELD!r} parts")
+        if len(parts) > max_images:
+            raise TooManyImages(f"{len(parts)} images in one request; the limit is {max_images}")
+        return [await _part(part, BATCH_FIELD) for part in parts]
+    finally:
+        await form.close()  # the parts' spooled files: their bytes are read
 
 
 async def _form(request: Request, max_files: int) -> FormData:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import warnings
 
 import pytest
 from starlette.requests import Request
@@ -151,6 +153,21 @@ def test_multipart_text_field_is_not_a_file() -> None:
     body, ctype = multipart([("image", None, b"JPEGDATA")])
     with pytest.raises(MissingField):
         asyncio.run(single_image(make_request(body, ctype)))
+
+
+def test_multipart_parts_are_closed_once_read() -> None:
+    """Each part is spooled to a file object; an unclosed one is left to the garbage collector (ResourceWarning)."""
+    single, single_type = multipart([("image", "a.jpg", b"JPEGDATA")])
+    batch, batch_type = multipart([("images", f"{i}.jpg", b"x") for i in range(3)])
+    missing, missing_type = multipart([("picture", "a.jpg", b"JPEGDATA")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(single_image(make_request(single, single_type)))
+        asyncio.run(batch_images(make_request(batch, batch_type), max_images=4))
+        with pytest.raises(MissingField):
+            asyncio.run(single_image(make_request(missing, missing_type)))
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
 
 
 def test_batch_parts_keep_their_order() -> None:
