@@ -362,7 +362,7 @@ def arrival_refusals(
         started = time.perf_counter()
         metrics.reject(refusal.reject_reason or "overloaded")
         record = requestid.RequestRecord(requestid.incoming_id(scope))
-        body = json.dumps({**refusal.body(), "request_id": record.request_id}, separators=(",", ":")).encode()
+        body = _dumps({**refusal.body(), "request_id": record.request_id})
         headers = [
             (b"content-type", b"application/json"),
             *((name.lower().encode(), value.encode()) for name, value in (refusal.headers() or {}).items()),

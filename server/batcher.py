@@ -262,14 +262,16 @@ class DynamicBatcher:
     async def _run_batch(self, batch: list[Pending], instance: int) -> None:
         started = time.perf_counter()
         # One image and nothing else to do (no other batch, none queued or being decoded): the engine's solo path.
-        solo = len(batch) == 1 and len(self._running) == 1 and self._queue.empty() and self._incoming == 0
+        alone = len(batch) == 1 and len(self._running) == 1 and self._queue.empty() and self._incoming == 0
+        solo = self._solos[instance]
+        infer = solo if alone and solo is not None else self._infers[instance]
         if self._metrics is not None:
             for pending in batch:
                 self._metrics.queue_wait.observe(started - pending.enqueued_at)
         loop = asyncio.get_running_loop()
         try:
             output = await loop.run_in_executor(
-                self._executors[instance], self._infer_batch, instance, [p.image for p in batch], solo
+                self._executors[instance], self._infer_batch, instance, [p.image for p in batch], infer
             )
             inference_s = time.perf_counter() - started
             check_batch_output(output, len(batch))
@@ -304,13 +306,12 @@ class DynamicBatcher:
                 )
             )
 
-    def _infer_batch(self, instance: int, images: list[np.ndarray], solo: bool) -> EngineOutput:
-        """On the instance's thread: copy the images into its batch buffer, run its engine."""
+    def _infer_batch(self, instance: int, images: list[np.ndarray], infer: InferFn) -> EngineOutput:
+        """On the instance's thread: copy the images into its batch buffer, run `infer` (its engine's) on it."""
         batch = self._buffers[instance][: len(images)]
         for slot, image in zip(batch, images):
             slot[...] = image
-        infer = self._solos[instance] if solo else None
-        return (infer or self._infers[instance])(batch)
+        return infer(batch)
 
     def _set_depth(self) -> None:
         if self._metrics is not None:
