@@ -125,8 +125,10 @@ def check_contract(session: Any, metadata: ModelMetadata, path: Path) -> None:
         raise EngineLoadError(f"{path} does not follow the model contract: " + "; ".join(problems))
 
 
-def session_options_for(ort: Any, intra_op_threads: int) -> Any:
-    """The server's SessionOptions: intra-op threads as given (0: ORT's default), sequential, all optimisations."""
+def session_options_for(ort: Any, intra_op_threads: int, *, spin: bool = False) -> Any:
+    """The server's SessionOptions: intra-op threads as given (0: ORT's default), sequential, all optimisations.
+    `spin`: `solo_session_options_for`'s threads (each config entry is set once: ORT warns on stderr, outside the
+    JSON logs, when one is overwritten)."""
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = intra_op_threads
     session_options.inter_op_num_threads = 1
@@ -135,7 +137,9 @@ def session_options_for(ort: Any, intra_op_threads: int) -> Any:
     # ORT's intra-op threads busy-wait for work by default. In the server the decode threads need those cores:
     # measured on 2 cores, spinning cost ~20% more CPU per image at batch 32 and, with small batches, ~2 ms of
     # CPU per request. Throughput wins here; a lone image gets the spinning session (solo_session_options_for).
-    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        session_options.add_session_config_entry("session.force_spinning_stop", "1")
     return session_options
 
 
@@ -148,10 +152,7 @@ def solo_session_options_for(ort: Any, intra_op_threads: int) -> Any:
     (BENCHMARKS.md, section 5). The other session does not spin: under load a spinning thread takes the core a
     decode or the other instance needs (-8% throughput with spinning bounded to 100 us, -20% and more unbounded).
     """
-    session_options = session_options_for(ort, intra_op_threads)
-    session_options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    session_options.add_session_config_entry("session.force_spinning_stop", "1")
-    return session_options
+    return session_options_for(ort, intra_op_threads, spin=True)
 
 
 class OnnxRuntimeEngine:

@@ -136,11 +136,15 @@ def test_infer_solo_gives_what_infer_gives_on_real_photos(server) -> None:  # ty
     engine.close()
 
 
-def test_infer_solo_on_a_contract_file(tmp_path: Path) -> None:
+def test_infer_solo_on_a_contract_file(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     engine = OnnxRuntimeEngine()
     engine.load(contract_model(tmp_path / "m.onnx"), EngineOptions(intra_op_threads=1))
     images = np.full((1, *SIZE, 3), 51, np.uint8)
+    capfd.readouterr()
     np.testing.assert_allclose(engine.infer_solo(images).scores[:, 0], [0.2], atol=1e-6)
+    # Its session is made here, in the serving process: ORT's own warnings (a config entry set twice was one)
+    # would land on stderr as plain text lines among the JSON logs.
+    assert capfd.readouterr().err == ""
     engine.close()
 
 
