@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from benchmarks.peers import PHOTOS, main, vga_jpeg
+from benchmarks.peers import PHOTOS, c1_summary, main, vga_jpeg, wrk_result
 
 
 def test_vga_jpeg_is_640x480_rgb(tmp_path: Path) -> None:
@@ -22,3 +22,21 @@ def test_vga_jpeg_is_640x480_rgb(tmp_path: Path) -> None:
 def test_missing_peers_python_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--peers-python", str(tmp_path / "nope" / "python")]) == 2
     assert "no peers Python at" in capsys.readouterr().err
+
+
+def test_wrk_result_reads_post_luas_line() -> None:
+    out = "Running 5s test\n  1 threads and 1 connections\nRESULT rps=75.3 p50_ms=13.0 p99_ms=19.3 errors=0 non2xx=2\n"
+    assert wrk_result(out) == {"rps": 75.3, "p50_ms": 13.0, "p99_ms": 19.3, "errors": 0.0, "non2xx": 2.0}
+    with pytest.raises(RuntimeError, match="no RESULT line"):
+        wrk_result("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def test_c1_summary_counts_the_rounds_ssd_serve_was_not_slower() -> None:
+    line = c1_summary([(12.0, 13.0), (13.5, 13.0), (12.5, 12.5)])
+    assert "ssd-serve median 12.5 (12.0-13.5) vs naive median 13.0 (12.5-13.0)" in line
+    assert line.endswith("at most the naive peer's in 2 of 3")
+
+
+def test_c1_only_needs_rounds(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["--peers-python", str(tmp_path / "python"), "--c1-only"])
