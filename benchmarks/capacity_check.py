@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.capacity import DEFAULT_SWEEP, ReplicaModel, max_rate_for, model_from_sweep, simulate
-from benchmarks.server_proc import running_server
+from benchmarks.server_proc import free_port, running_server, stop
 
 NGINX_CONF = """\
 worker_processes 1;
@@ -71,12 +70,6 @@ http {{
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_nginx(upstreams: Sequence[str], work: Path) -> Iterator[str]:
     """Debian's nginx, unprivileged, round robin (its default) over `upstreams` (host:port); yields its URL."""
@@ -85,7 +78,7 @@ def running_nginx(upstreams: Sequence[str], work: Path) -> Iterator[str]:
     binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
     if binary is None:
         raise RuntimeError("nginx is not installed (apt-get install nginx)")
-    port = _free_port()
+    port = free_port()
     servers = "\n".join(f"        server {address};" for address in upstreams)
     conf = work / "nginx.conf"
     conf.write_text(NGINX_CONF.format(work=work, servers=servers, port=port))
@@ -108,12 +101,7 @@ def running_nginx(upstreams: Sequence[str], work: Path) -> Iterator[str]:
             time.sleep(0.1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop(process)
         log.close()
 
 

@@ -24,7 +24,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -82,10 +81,9 @@ def c1_summary(rounds: list[tuple[float, float]]) -> str:
 def naive_peer(peers_python: Path) -> Iterator[str]:
     """`../shared/peers/naive_litert.py` under uvicorn on a free loopback port, ready; stopped on exit."""
     from benchmarks.loadgen import wait_ready
+    from benchmarks.server_proc import free_port, stop
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MODEL": str(TFLITE / "detect.tflite"), "LABELS": str(TFLITE / "labelmap.txt"), "THREADS": "2"}
     command = [str(peers_python), "-m", "uvicorn", "naive_litert:app", "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(command, cwd=SCRIPT.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -94,12 +92,7 @@ def naive_peer(peers_python: Path) -> Iterator[str]:
         asyncio.run(wait_ready(url, 120.0))
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def interleaved_c1(peers_python: Path, image: Path, rounds: int, seconds: int) -> list[tuple[float, float]]:

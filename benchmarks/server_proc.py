@@ -9,6 +9,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,15 +71,27 @@ def running_server(
         yield ServerHandle(url=url, pid=proc.pid, log_path=log_path)
         clean = True
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop(proc, signal.SIGINT, timeout_s=20.0)
         if clean:  # the log is kept only when something went wrong
             log_path.unlink(missing_ok=True)
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for a program that cannot bind port 0 and say so)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+    """Send `sig` to `proc` if it still runs, wait up to `timeout_s`, then SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> str:
