@@ -66,14 +66,16 @@ def wrk_c1(url: str, image: Path, seconds: int) -> dict[str, float]:
     return wrk_result(done.stdout)
 
 
-def c1_summary(rounds: list[tuple[float, float]]) -> str:
-    """(ssd-serve p50, naive p50) per round -> the summary line."""
-    ours, naive = [r[0] for r in rounds], [r[1] for r in rounds]
-    wins = sum(a <= b for a, b in rounds)
+def c1_summary(rounds: list[tuple[dict[str, float], dict[str, float]]]) -> str:
+    """(ssd-serve's, the naive peer's) `wrk_result` per round -> the summary line."""
+    ours, naive = [r[0]["p50_ms"] for r in rounds], [r[1]["p50_ms"] for r in rounds]
+    wins = sum(a <= b for a, b in zip(ours, naive, strict=True))
+    failed = sum(int(r[0]["errors"] + r[0]["non2xx"]) for r in rounds)
     return (
         f"c=1 p50 ms, {len(rounds)} interleaved rounds: ssd-serve median {statistics.median(ours):.1f} "
         f"({min(ours):.1f}-{max(ours):.1f}) vs naive median {statistics.median(naive):.1f} "
-        f"({min(naive):.1f}-{max(naive):.1f}); ssd-serve at most the naive peer's in {wins} of {len(rounds)}"
+        f"({min(naive):.1f}-{max(naive):.1f}); ssd-serve at most the naive peer's in {wins} of {len(rounds)}; "
+        f"ssd-serve errors and non-2xx {failed}"
     )
 
 
@@ -95,7 +97,9 @@ def naive_peer(peers_python: Path) -> Iterator[str]:
         stop(proc)
 
 
-def interleaved_c1(peers_python: Path, image: Path, rounds: int, seconds: int) -> list[tuple[float, float]]:
+def interleaved_c1(
+    peers_python: Path, image: Path, rounds: int, seconds: int
+) -> list[tuple[dict[str, float], dict[str, float]]]:
     """ssd-serve (defaults) and the naive peer up together; `rounds` pairs of wrk c=1 runs, one on each."""
     from benchmarks.server_proc import running_server
 
@@ -104,8 +108,9 @@ def interleaved_c1(peers_python: Path, image: Path, rounds: int, seconds: int) -
             wrk_c1(url, image, 1)  # warm-up, as the script's first request
         results = []
         for k in range(rounds):
-            pair = (wrk_c1(ours.url, image, seconds)["p50_ms"], wrk_c1(naive, image, seconds)["p50_ms"])
-            print(f"round {k + 1}: c=1 p50 ms ssd-serve {pair[0]:.1f}, naive {pair[1]:.1f}", flush=True)
+            pair = (wrk_c1(ours.url, image, seconds), wrk_c1(naive, image, seconds))
+            print(f"round {k + 1}: c=1 p50 ms ssd-serve {pair[0]['p50_ms']:.1f}, naive {pair[1]['p50_ms']:.1f}",
+                  flush=True)
             results.append(pair)
         return results
 

@@ -32,9 +32,12 @@ def test_wrk_result_reads_post_luas_line() -> None:
 
 
 def test_c1_summary_counts_the_rounds_ssd_serve_was_not_slower() -> None:
-    line = c1_summary([(12.0, 13.0), (13.5, 13.0), (12.5, 12.5)])
+    def run(p50: float, failed: int = 0) -> dict[str, float]:
+        return {"rps": 1000 / p50, "p50_ms": p50, "p99_ms": 2 * p50, "errors": 0.0, "non2xx": float(failed)}
+
+    line = c1_summary([(run(12.0), run(13.0)), (run(13.5, failed=2), run(13.0)), (run(12.5), run(12.5))])
     assert "ssd-serve median 12.5 (12.0-13.5) vs naive median 13.0 (12.5-13.0)" in line
-    assert line.endswith("at most the naive peer's in 2 of 3")
+    assert line.endswith("at most the naive peer's in 2 of 3; ssd-serve errors and non-2xx 2")
 
 
 def test_c1_only_needs_rounds(tmp_path: Path) -> None:
