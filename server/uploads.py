@@ -6,8 +6,9 @@ before reading it, and otherwise counts the bytes as they stream in and stops at
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from starlette.datastructures import FormData, UploadFile
@@ -45,14 +46,11 @@ async def single_image(request: Request) -> Upload:
     """POST /detect: multipart field `image`, or the whole body with an image (or octet-stream) content type."""
     content_type = request.headers.get("content-type")
     if media_type(content_type) == MULTIPART:
-        form = await _form(request, max_files=1)
-        try:
+        async with _form(request, max_files=1) as form:
             part = form.get(SINGLE_FIELD)
             if part is None:
                 raise MissingField(f"the multipart body has no {SINGLE_FIELD!r} field")
             upload = await _part(part, SINGLE_FIELD)
-        finally:
-            await form.close()  # the parts' spooled files: their bytes are read
     else:
         check_content_type(content_type)
         upload = Upload(data=await request.body(), content_type=content_type)
@@ -71,21 +69,21 @@ async def batch_images(request: Request, max_images: int) -> list[Upload]:
         raise UnsupportedMediaType(
             f"/detect/batch takes multipart/form-data with one {BATCH_FIELD!r} part per image, got {media_type(content_type)!r}"
         )
-    form = await _form(request, max_files=max_images)
-    try:
+    async with _form(request, max_files=max_images) as form:
         parts = form.getlist(BATCH_FIELD) or form.getlist(SINGLE_FIELD)
         if not parts:
             raise MissingField(f"the multipart body has no {BATCH_FIELD!r} parts")
         if len(parts) > max_images:
             raise TooManyImages(f"{len(parts)} images in one request; the limit is {max_images}")
         return [await _part(part, BATCH_FIELD) for part in parts]
-    finally:
-        await form.close()  # the parts' spooled files: their bytes are read
 
 
-async def _form(request: Request, max_files: int) -> FormData:
+@contextlib.asynccontextmanager
+async def _form(request: Request, max_files: int) -> AsyncIterator[FormData]:
+    """The parsed multipart body, closed on exit (each part is spooled to a file object; its bytes are read by
+    then). Starlette's limit errors become the server's own."""
     try:
-        return await request.form(max_files=max_files, max_fields=max_files + 16)
+        form = await request.form(max_files=max_files, max_fields=max_files + 16)
     except (HTTPException, MultiPartException) as exc:  # inside an app Starlette turns the latter into HTTP 400
         detail = str(exc.detail) if isinstance(exc, HTTPException) else exc.message
         if "Too many files" in detail:
@@ -95,6 +93,10 @@ async def _form(request: Request, max_files: int) -> FormData:
         if "exceeded maximum size" in detail:  # "Part ..." / "Field ...": a text field over max_part_size
             raise PartTooLarge(f"a multipart text field is too large: {detail}") from None
         raise InvalidImage(f"malformed multipart body: {detail}") from None
+    try:
+        yield form
+    finally:
+        await form.close()
 
 
 async def _part(part: UploadFile | str, field: str) -> Upload:
