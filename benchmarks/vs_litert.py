@@ -2,11 +2,13 @@
 
     python -m benchmarks.vs_litert --onnx weights/ssd_mobilenet_v1_coco.onnx \\
         --tflite ../shared/models/coco_ssd_mobilenet_v1/detect.tflite --threads 2 --batch-size 1,8,16 --rounds 5
+    python -m benchmarks.vs_litert --onnx before.onnx after.onnx --tflite ...   # two exports side by side
 
 Each side with its own post-processing: ours the paper's (200 detections, per-class NMS, in the graph), LiteRT the
 file's TFLite_Detection_PostProcess (top 10, one class-agnostic NMS). Same photos (the benchmark's 640x480 set, resized
 once by the server's preprocessing), same thread count; ONNX Runtime with the server's session options. Runs alternate
-(ORT at each batch size, then LiteRT) for --rounds rounds of --seconds each; the table shows medians and ranges.
+(ORT at each batch size, for each --onnx file in turn, then LiteRT) for --rounds rounds of --seconds each; the
+table shows medians and ranges. With several --onnx files, rows are named after each file.
 LiteRT's file takes batch 1 only. Needs ai-edge-litert (the test extra).
 """
 
@@ -18,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,16 +39,17 @@ def _rate(step: Callable[[int], None], images_per_step: int, seconds: float) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.vs_litert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--onnx", type=Path, default=Path("weights/ssd_mobilenet_v1_coco.onnx"))
+    p.add_argument("--onnx", type=Path, nargs="+", default=[Path("weights/ssd_mobilenet_v1_coco.onnx")])
     p.add_argument("--tflite", type=Path, required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=_positive_int_list, default=(1, 8))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=2.0, help="per run (default 2)")
     p.add_argument("--allow-spinning", action="store_true",
-                   help="let ORT's intra-op threads busy-wait (the server turns it off: its decode threads need the cores)")
+                   help="let ORT's intra-op threads busy-wait during a run, as the server's session for lone images "
+                   "does (its other session does not: its decode threads need the cores)")
     args = p.parse_args(argv)
-    for path in (args.onnx, args.tflite):
+    for path in (*args.onnx, args.tflite):
         if not path.is_file():
             print(f"benchmarks.vs_litert: no file at {path}", file=sys.stderr)
             return 2
@@ -57,11 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     from server.engines.onnxruntime import session_options_for
     from server.preprocess import preprocess
 
-    options = session_options_for(ort, args.threads)
-    if args.allow_spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    session = ort.InferenceSession(str(args.onnx), options, providers=["CPUExecutionProvider"])
-    size = tuple(session.get_inputs()[0].shape[1:3])
+    options = session_options_for(ort, args.threads, spin=args.allow_spinning)
+    sessions = {
+        (path.stem if len(args.onnx) > 1 else "onnxruntime"): ort.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+        for path in args.onnx
+    }
+    size = tuple(next(iter(sessions.values())).get_inputs()[0].shape[1:3])
     photos = [preprocess(data, size).pixels for data in load_input_set("photos").images]
     interpreter = Interpreter(model_path=str(args.tflite), num_threads=args.threads)
     interpreter.allocate_tensors()
@@ -74,14 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         for index in outputs:
             interpreter.get_tensor(index)
 
-    def ort_step(batch: int) -> Callable[[int], None]:
+    def ort_step(session: Any, batch: int) -> Callable[[int], None]:
         stacks = [np.stack([photos[(i + j) % len(photos)] for j in range(batch)]) for i in range(0, 4 * batch, batch)]
         return lambda k: session.run(None, {"images": stacks[k % len(stacks)]})
 
-    runs: dict[str, list[float]] = {f"onnxruntime batch {b}": [] for b in args.batch_size} | {"litert batch 1": []}
+    runs: dict[str, list[float]] = {f"{name} batch {b}": [] for name in sessions for b in args.batch_size}
+    runs["litert batch 1"] = []
     for _ in range(args.rounds):
-        for b in args.batch_size:
-            runs[f"onnxruntime batch {b}"].append(_rate(ort_step(b), b, args.seconds))
+        for name, session in sessions.items():
+            for b in args.batch_size:
+                runs[f"{name} batch {b}"].append(_rate(ort_step(session, b), b, args.seconds))
         runs["litert batch 1"].append(_rate(litert_step, 1, args.seconds))
     litert = statistics.median(runs["litert batch 1"])
     spinning = "spinning" if args.allow_spinning else "no spinning"

@@ -12,9 +12,11 @@ Numerics, two modes:
   rounded half to even; a requantising CONCATENATION uses TFLite's own formula (as QuantizeLinear ->
   DequantizeLinear where that is the same for all 256 values, see `Requantize`). In ONNX a conv is
   QuantizeLinear / DequantizeLinear around a float Conv, which ONNX Runtime fuses into an integer QLinearConv:
-  the same arithmetic, at int8 speed. The weights travel as int8 (w - 128, zero point - 128: the same
-  differences w - zero_point, so the same accumulator), which makes the QLinearConv u8 x s8,
-  the form whose x86 kernels use the VNNI dot product. On x86 CPUs with AVX2 but no VNNI, ONNX Runtime's u8 x s8
+  the same arithmetic, at int8 speed. The weights travel as int8, which makes the QLinearConv u8 x s8, the form
+  whose x86 kernels use the VNNI dot product: as w - zero_point with zero point 0 where every value fits int8,
+  which ONNX Runtime runs on its faster symmetric kernels (a few activation channels are carried twice to make
+  that so: `symmetric.py`), otherwise as w - 128 with zero point - 128. Both keep the differences
+  w - zero_point, so the same accumulator. On x86 CPUs with AVX2 but no VNNI, ONNX Runtime's u8 x s8
   kernel sums pairs of products in saturating int16 (its documented caveat), which can differ from LiteRT.
   Activations travel between ops as their dequantised float values, so every other op and the post-processing
   see ordinary floats.
@@ -38,6 +40,7 @@ from torch import nn
 from model_export.errors import ExportError
 from model_export.spec import Numerics
 from model_export.tflite.reader import Graph, Operator
+from model_export.tflite.symmetric import channel_maps, copies_needed, split_over_copies
 
 Layout = Literal["nchw", "nhwc"]
 Range = tuple[float, float]  # (lo, hi); +-inf where unbounded
@@ -207,6 +210,7 @@ class _Context:
     numerics: Numerics = "float"
     known: dict[int, Known] = field(default_factory=dict)
     channel_perms: dict[int, np.ndarray] = field(default_factory=dict)
+    channel_maps: dict[int, np.ndarray] = field(default_factory=dict)  # integer numerics: symmetric.channel_maps
 
     def constant(self, tensor: int) -> np.ndarray | None:
         """A constant's float value, looking through DEQUANTIZE of a constant (fp16 / int8 weights)."""
@@ -534,7 +538,7 @@ class QuantizedConv(nn.Module):
         super().__init__()
         self.params = params
         self.input_nhwc = input_nhwc
-        self.register_buffer("weight", torch.from_numpy(weight.astype(np.int8)))  # [O, I / groups, kh, kw], w - 128
+        self.register_buffer("weight", torch.from_numpy(weight.astype(np.int8)))  # [O, I / groups, kh, kw]
         self.register_buffer("bias", torch.from_numpy(bias.astype(np.int32)))  # on the grid s_x * s_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -629,10 +633,25 @@ def _integer_conv(ctx: _Context, op: Operator) -> _Built:
     if weight.data is None or (bias is not None and (bias.data is None or bias.dtype != np.int32)):
         raise ExportError(f"{op.op} (operator {op.index}): integer numerics need constant uint8 weights, int32 bias")
     geo = _conv_geometry(ctx, op, weight.data, bias.data if bias is not None else None)
-    signed = Grid(w_grid.scale, w_grid.zero_point - 128, -128, 127)  # the same w - zero_point, as int8
-    params = _ConvParams(x_grid, signed, out_grid, geo.stride, geo.dilation, geo.groups, geo.pad)
+    centred = geo.weight.astype(np.int32) - w_grid.zero_point  # w - zero_point: all the accumulator uses
     bias_q = geo.bias if geo.bias is not None else np.zeros(geo.weight.shape[0], np.int32)
-    weight_s8 = (geo.weight.astype(np.int16) - 128).astype(np.int8)
+    in_map, out_map = ctx.channel_maps.get(x), ctx.channel_maps.get(op.outputs[0])
+    if out_map is not None:  # the tensor carries copies of some channels (symmetric.py): rows written twice
+        if op.index in ctx.channel_perms:
+            raise ExportError(f"{op.op} (operator {op.index}): channel copies and a channel permutation")
+        centred, bias_q = centred[out_map], bias_q[out_map]
+    groups = geo.groups
+    if geo.groups == 1:
+        centred, symmetric = split_over_copies(centred, in_map)
+    else:  # depthwise: its input's channel map is its output's, applied above
+        groups = centred.shape[0] if in_map is not None else geo.groups
+        symmetric = bool(np.all(copies_needed(centred) == 1))
+    # Zero point 0 where v fits int8 (ONNX Runtime's symmetric kernels); otherwise w - 128 and zero point - 128,
+    # the same differences w - zero_point as int8.
+    zero_point = 0 if symmetric else w_grid.zero_point - 128
+    params = _ConvParams(x_grid, Grid(w_grid.scale, zero_point, -128, 127), out_grid, geo.stride, geo.dilation,
+                         groups, geo.pad)
+    weight_s8 = (centred + zero_point).astype(np.int8)
     module = QuantizedConv(weight_s8, bias_q, params, input_nhwc=ctx.layout.get(x) == "nhwc")
     return _Built(module, (x,), "nchw", _ANY)
 
@@ -746,6 +765,9 @@ def build_network(
         needed.add(producer.index)
         stack.extend(producer.inputs)
 
+    if numerics == "integer":
+        ops = [op for op in graph.operators if op.index in needed]
+        ctx.channel_maps = channel_maps(graph, ops, set(outputs))
     steps: list[_Built] = []
     wiring: list[int] = []
     for op in graph.operators:  # TFLite stores operators in execution order

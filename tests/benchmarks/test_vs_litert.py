@@ -37,3 +37,13 @@ def test_table(onnx_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_missing_file_is_refused(tmp_path: Path) -> None:
     assert main(["--onnx", str(tmp_path / "x.onnx"), "--tflite", str(TFLITE)]) == 2
+
+
+def test_two_files_side_by_side(onnx_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "other.onnx"
+    other.write_bytes(onnx_path.read_bytes())
+    args = ["--onnx", str(onnx_path), str(other), "--tflite", str(TFLITE), "--rounds", "1", "--seconds", "0.1",
+            "--batch-size", "1"]
+    assert main(args) == 0
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["m batch 1", "other batch 1", "litert batch 1"]  # rows[0]: the header

@@ -96,3 +96,25 @@ def test_onnxruntime_network_equals_litert_value_for_value(network_onnx: Path) -
             assert raw.logits is not None
             np.testing.assert_array_equal(regression[i], raw.box_encodings[:, [1, 0, 3, 2]])
             np.testing.assert_array_equal(logits[i], raw.logits)
+
+
+def test_regular_convs_fuse_with_zero_weight_zero_points(network_onnx: Path, tmp_path: Path) -> None:
+    """model_export/tflite/symmetric.py: every regular conv but the one on the image gets zero point 0 (ONNX
+    Runtime's symmetric kernels); depthwise convs keep theirs; channel counts stay multiples of 16."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(network_onnx), options, providers=["CPUExecutionProvider"])
+    optimised = onnx.load(options.optimized_model_filepath)
+    values = {init.name: numpy_helper.to_array(init) for init in optimised.graph.initializer}
+    kinds: Counter[str] = Counter()
+    for node in (n for n in optimised.graph.node if n.op_type == "QLinearConv"):
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        weight, zero_point = values[node.input[3]], values[node.input[5]]
+        symmetric = not np.any(zero_point)
+        kinds[("depthwise" if group > 1 else "regular") + (" symmetric" if symmetric else "")] += 1
+        if group > 1:
+            assert weight.shape[0] % 16 == 0, weight.shape
+        if node.input[0] == "x" or "ops.0/" in node.name:
+            assert not symmetric  # the image has no producer that could write a channel twice
+    assert kinds == Counter({"regular symmetric": 33, "regular": 1, "depthwise": 13})
