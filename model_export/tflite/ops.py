@@ -640,11 +640,11 @@ def _integer_conv(ctx: _Context, op: Operator) -> _Built:
         if op.index in ctx.channel_perms:
             raise ExportError(f"{op.op} (operator {op.index}): channel copies and a channel permutation")
         centred, bias_q = centred[out_map], bias_q[out_map]
-    groups = geo.groups
     if geo.groups == 1:
+        groups = 1
         centred, symmetric = split_over_copies(centred, in_map)
     else:  # depthwise: its input's channel map is its output's, applied above
-        groups = centred.shape[0] if in_map is not None else geo.groups
+        groups = geo.groups if in_map is None else in_map.size
         symmetric = bool(np.all(copies_needed(centred) == 1))
     # Zero point 0 where v fits int8 (ONNX Runtime's symmetric kernels); otherwise w - 128 and zero point - 128,
     # the same differences w - zero_point as int8.

@@ -12,13 +12,12 @@ The int32 accumulator is the same sum, so the requantised output is the same, bi
 
 The copy costs nothing at run time beyond its channel (and the padding to a multiple of CHANNEL_ALIGNMENT
 channels). The conv that produces the tensor writes channel c twice: one more weight row and bias, hence
-identical values. A depthwise conv carries its input's channels to
-its output one to one, so the copy passes through it: its input and output carry the same channels (a "chain"),
-and the copy is made by the regular conv at the chain's start. A chain qualifies only when that conv exists
-(not the graph's image input) and every consumer of every tensor in it is a conv, and no tensor of it is one of
-the network's outputs. A conv whose input chain does not qualify keeps its weight zero point (still exact, on
-ONNX Runtime's slower asymmetric kernels). Depthwise convs keep theirs: a depthwise accumulator reads one channel
-only, so there is nowhere to split a value.
+identical values. A depthwise conv carries its input's channels to its output one to one, so the copy passes
+through it: its input and output carry the same channels (a "chain"), and the copy is made by the regular conv at
+the chain's start. A chain qualifies only when that conv exists (not the graph's image input) and every consumer
+of every tensor in it is a conv, and no tensor of it is one of the network's outputs. A conv whose input chain
+does not qualify keeps its weight zero point (still exact, on ONNX Runtime's slower asymmetric kernels).
+Depthwise convs keep theirs: a depthwise accumulator reads one channel only, so there is nowhere to split a value.
 """
 
 from __future__ import annotations
@@ -52,7 +51,9 @@ def _is_regular_conv(graph: Graph, op: Operator) -> bool:
 
 def _is_depthwise(graph: Graph, op: Operator) -> bool:
     """A depthwise conv with depth multiplier 1: output channel i reads input channel i only."""
-    return op.op == "DEPTHWISE_CONV_2D" and graph.tensors[op.inputs[1]].shape[3] == graph.tensors[op.inputs[0]].shape[3]
+    if op.op != "DEPTHWISE_CONV_2D":
+        return False
+    return graph.tensors[op.inputs[1]].shape[3] == graph.tensors[op.inputs[0]].shape[3]
 
 
 def centred_weights(graph: Graph, op: Operator) -> np.ndarray | None:

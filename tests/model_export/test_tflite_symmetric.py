@@ -38,7 +38,7 @@ def test_split_over_copies_keeps_every_sum_and_fits_int8() -> None:
     assert parts.min() >= -128 and parts.max() <= 127
     for source in range(3):
         np.testing.assert_array_equal(parts[:, channel_map == source].sum(axis=1), v[:, source])
-    assert not np.any(parts[:, 3:][:, :, :] * (np.abs(v[:, [1, 2, 2]]) <= 127))  # copies are 0 where v fits
+    assert not np.any(parts[:, 3:] * (np.abs(v[:, [1, 2, 2]]) <= 127))  # copies are 0 where v fits
 
 
 def test_split_over_copies_without_enough_copies_keeps_the_values_for_a_zero_point() -> None:
