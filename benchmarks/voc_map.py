@@ -115,12 +115,10 @@ def load_voc(data_dir: Path) -> list[GroundTruth]:
 
 def detect_onnx(model_path: Path, images: Sequence[np.ndarray], batch_size: int = 8) -> list[ImageDetections]:
     """Run an exported file (the model contract) with ONNX Runtime on CPU."""
-    import onnxruntime as ort
-
+    from model_export.contract.cpu import exact_session
     from model_export.contract.metadata import METADATA_KEY, ModelMetadata
 
-    options = ort.SessionOptions()
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    session = exact_session(model_path)
     meta = ModelMetadata.from_json(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
     results = []
     for start in range(0, len(images), batch_size):

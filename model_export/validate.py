@@ -46,6 +46,7 @@ import torch
 
 from model_export.errors import ExportError
 from model_export.exportable import ExportableSSD
+from model_export.contract.cpu import exact_session
 from model_export.contract.image import model_input
 from model_export.contract.metadata import OUTPUT_NAMES
 from model_export.spec import Detections, PostprocessOptions, SSDModel
@@ -175,12 +176,10 @@ def load_validation_images(size: tuple[int, int], directory: Path | None = None)
 
 
 def _session(onnx_path: Path):  # -> onnxruntime.InferenceSession
-    import onnxruntime as ort
-
     if not Path(onnx_path).is_file():
         raise ExportError(f"no ONNX file at {onnx_path}")
     try:
-        return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        return exact_session(onnx_path)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         raise ExportError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
 

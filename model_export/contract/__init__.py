@@ -9,7 +9,9 @@
   model exactly these pixels, and the server feeds it the same.
 
 - `engine`: a TensorRT engine's description (build facts, batch profile); `cuda`: which GPU this is (cuda-python,
-  imported on first use); `errors`: `ContractError`, the one-line error base both sides share.
+  imported on first use); `cpu`: which CPU this is, and the ONNX Runtime option that keeps integer exports exact
+  on x86 without VNNI (`exact_integer_options`, `exact_session`); `errors`: `ContractError`, the one-line error
+  base both sides share.
 
 Imports go one way: `model_export` never imports `server`, and `server` imports only this module from
 `model_export` (tests/test_import_direction.py). Its modules import nothing else of the project.

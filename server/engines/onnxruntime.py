@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from model_export.contract.cpu import exact_integer_options
 from model_export.contract.metadata import METADATA_KEY, ModelMetadata
 from server.engines.base import EngineOptions, EngineOutput
 
@@ -126,8 +127,8 @@ def check_contract(session: Any, metadata: ModelMetadata, path: Path) -> None:
 
 
 def session_options_for(ort: Any, intra_op_threads: int, *, spin: bool = False) -> Any:
-    """The server's SessionOptions: intra-op threads as given (0: ORT's default), sequential, all optimisations.
-    `spin`: `solo_session_options_for`'s threads (each config entry is set once: ORT warns on stderr, outside the
+    """The server's SessionOptions: intra-op threads as given (0: ORT's default), sequential, all optimisations,
+    exact integer convs on x86 CPUs without VNNI (model_export.contract.cpu). `spin`: `solo_session_options_for`'s threads (each config entry is set once: ORT warns on stderr, outside the
     JSON logs, when one is overwritten)."""
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = intra_op_threads
@@ -140,7 +141,7 @@ def session_options_for(ort: Any, intra_op_threads: int, *, spin: bool = False) 
     session_options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if spin:
         session_options.add_session_config_entry("session.force_spinning_stop", "1")
-    return session_options
+    return exact_integer_options(session_options)
 
 
 def solo_session_options_for(ort: Any, intra_op_threads: int) -> Any:
