@@ -3,6 +3,11 @@
     .venv/bin/python -m benchmarks.overload                        # every scenario, 10 s floods (~3 min)
     .venv/bin/python -m benchmarks.overload --duration 2 --only overload,drain
     .venv/bin/python -m benchmarks.overload --only overload --set max_in_flight=64   # another bound, A/B
+    .venv/bin/python -m benchmarks.overload --only overload --server-cpus 0,1 --client-cpus 2-7
+
+On one machine the load generator (this process) takes CPU from the server it floods. `--server-cpus` runs each
+server on those CPUs only, sized to them (engine threads and decode workers), and this client on the others
+(or on `--client-cpus`): on a host with spare cores that is a small server flooded from outside.
 
 Scenarios (each on a fresh server with the default model, 127.0.0.1 only, bounded in time):
   overload    SSD_MAX_QUEUE_SIZE=16: capacity with 8 connections, then 200 connections for --duration;
@@ -37,6 +42,8 @@ from benchmarks.httpclient import Connection, HttpError, Target
 from server.testing import REPO_ROOT, ServerProcess, start_server
 
 EXTRA: dict[str, str] = {}  # --set NAME=VALUE: settings added to every scenario's server
+SERVER_CPUS: set[int] = set()  # --server-cpus: each server runs on these (empty: anywhere)
+CLIENT_CPUS: set[int] = set()  # where this client runs once a server has started on SERVER_CPUS
 IMAGES = sorted((REPO_ROOT.parent / "shared" / "data" / "voc2012_sample" / "JPEGImages").glob("*.jpg"))[:16]
 JPEG_HEADERS = {"Content-Type": "image/jpeg"}
 
@@ -58,6 +65,30 @@ class Row:
     measure: str
     value: str
     target: str = ""
+
+
+def cpu_list(text: str) -> set[int]:
+    """A Linux CPU list ("0,1", "2-7", "0-1,4") as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def serve(settings: dict[str, object]) -> ServerProcess:
+    """A fresh server with `settings` and --set's; on SERVER_CPUS when given, sized as a machine of that many
+    cores would be by default (instances, engine threads, decode workers), with this client then on CLIENT_CPUS."""
+    settings = {**EXTRA, **settings}
+    if not SERVER_CPUS:
+        return start_server(settings)
+    cores = len(SERVER_CPUS)
+    sized = {"instances": 2 if cores >= 2 else 1, "intra_op_threads": cores, "decode_workers": min(8, cores)}
+    os.sched_setaffinity(0, SERVER_CPUS)  # the server process and every thread it starts inherit it
+    try:
+        return start_server({**sized, **settings})
+    finally:
+        os.sched_setaffinity(0, CLIENT_CPUS)
 
 
 def target_of(server: ServerProcess) -> Target:
@@ -137,7 +168,7 @@ async def sequential_latency(target: Target, duration_s: float, bodies: list[byt
 
 
 def overload(duration_s: float, bodies: list[bytes]) -> list[Row]:
-    server = start_server({**EXTRA, "max_queue_size": 16})
+    server = serve({"max_queue_size": 16})
     try:
         target = target_of(server)
 
@@ -188,7 +219,7 @@ def overload(duration_s: float, bodies: list[bytes]) -> list[Row]:
 
 
 def deadline(duration_s: float, bodies: list[bytes]) -> list[Row]:
-    server = start_server({**EXTRA, "request_timeout_ms": 200})
+    server = serve({"request_timeout_ms": 200})
     try:
         records, _ = asyncio.run(closed_loop(target_of(server), 200, duration_s, bodies))
         latencies = [r.latency for r in records if r.status > 0]
@@ -204,7 +235,7 @@ def deadline(duration_s: float, bodies: list[bytes]) -> list[Row]:
 
 
 def drain(bodies: list[bytes]) -> list[Row]:
-    server = start_server({**EXTRA, "drain_seconds": 2})
+    server = serve({"drain_seconds": 2})
     target = target_of(server)
 
     async def run() -> list[Row]:
@@ -253,7 +284,7 @@ def drain(bodies: list[bytes]) -> list[Row]:
 
 
 def slow(duration_s: float, bodies: list[bytes]) -> list[Row]:
-    server = start_server({**EXTRA, "client_timeout_s": 3})
+    server = serve({"client_timeout_s": 3})
     target = target_of(server)
     request_head = b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
 
@@ -299,7 +330,7 @@ def slow(duration_s: float, bodies: list[bytes]) -> list[Row]:
 
 
 def defaults(duration_s: float, bodies: list[bytes]) -> list[Row]:
-    server = start_server(dict(EXTRA))
+    server = serve({})
     try:
         before = rss_mb(server)
         records, elapsed = asyncio.run(closed_loop(target_of(server), 600, duration_s, bodies))
@@ -321,7 +352,7 @@ def defaults(duration_s: float, bodies: list[bytes]) -> list[Row]:
 def bad_inputs(count: int, bodies: list[bytes]) -> list[Row]:
     jpeg = bodies[0]
     bad = [jpeg[: len(jpeg) // 3], jpeg[:2000] + b"\xff\xd9", b"not an image at all", jpeg[:600] + b"\xff" * 4000]
-    server = start_server(dict(EXTRA))
+    server = serve({})
     try:
         target = target_of(server)
         before = rss_mb(server)
@@ -365,7 +396,7 @@ def cpu_s(pid: int) -> float:
 def refusal_cost(duration_s: float, bodies: list[bytes]) -> list[Row]:
     """What one refusal costs the server and this client (every request refused: one held request fills
     max_in_flight=1), and what the overload scenario's 503 p50 target then takes of the machine."""
-    server = start_server({**EXTRA, "max_in_flight": 1, "client_timeout_s": 3 * duration_s + 30})
+    server = serve({"max_in_flight": 1, "client_timeout_s": 3 * duration_s + 30})
     try:
         target = target_of(server)
         holder = socket.create_connection((target.host, target.port))
@@ -383,7 +414,8 @@ def refusal_cost(duration_s: float, bodies: list[bytes]) -> list[Row]:
             Row(
                 "refusal_cost",
                 f"cores for {needed:.0f} refusals/s (503 p50 of 50 ms)",
-                f"{needed * (server_us + client_us) / 1e6:.2f} of {os.cpu_count()}",
+                f"{needed * (server_us + client_us) / 1e6:.2f} of {len(SERVER_CPUS) or os.cpu_count()}"
+                + (" (the server's)" if SERVER_CPUS else ""),
             ),
         ]
     finally:
@@ -399,7 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bad-inputs", type=int, default=2000, help="bad inputs in the bad_inputs scenario")
     parser.add_argument("--only", default="", help="comma-separated scenarios (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a setting for every server")
+    parser.add_argument("--server-cpus", default="", metavar="LIST", help="run each server on these CPUs only (0,1)")
+    parser.add_argument("--client-cpus", default="", metavar="LIST", help="this client's CPUs (default: the others)")
     args = parser.parse_args(argv)
+    available = os.sched_getaffinity(0)
+    SERVER_CPUS.update(cpu_list(args.server_cpus))
+    CLIENT_CPUS.update(cpu_list(args.client_cpus) or available - SERVER_CPUS)
+    if SERVER_CPUS and (not CLIENT_CPUS or SERVER_CPUS & CLIENT_CPUS or not SERVER_CPUS | CLIENT_CPUS <= available):
+        parser.error(f"--server-cpus and --client-cpus must be disjoint, non-empty sets of {sorted(available)}")
     for item in args.set:
         name, _, value = item.partition("=")
         EXTRA[name.strip().lower()] = value

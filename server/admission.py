@@ -10,8 +10,11 @@ read; the route takes the ticket with `admitted(request.scope)` and shortens its
 server.app's `arrival_refusals` and server.connections), which is what a flood of refusals costs.
 
 `admit` is called when a request arrives, before its body is read or decoded. It refuses at once when
-`limit` images are already in flight (read, queued for decode, decoding, queued for the engine, in the
-engine), so a flood is shed in microseconds instead of after a decode. The ticket carries the request's
+`bound()` images are already in flight (read, queued for decode, decoding, queued for the engine, in the
+engine), so a flood is shed in microseconds instead of after a decode. The bound is `limit`, or fewer where
+the engines' recent rate (`rate`) would not finish that many within DEADLINE_SHARE of the default deadline
+(Little's law): a request that would only wait out its deadline is refused at arrival, before its decode
+takes CPU from those that can still make theirs. The ticket carries the request's
 deadline: `request_timeout_ms` from arrival, or the client's shorter one (`timeout_ms`). Every stage checks it
 (`check`) or waits no longer than it (`wait`): work for a request past its deadline is dropped before decode,
 before it joins a batch and before its result is encoded, and the request is answered RequestTimeout (504).
@@ -35,6 +38,10 @@ from server.errors import Overloaded, RequestTimeout, error_response
 
 T = TypeVar("T")
 RETRY_AFTER_S = 1
+# The share of the default deadline that the images admitted ahead of a request may take to drain at the engines'
+# rate; the rest is the request's own decode, batch and inference, and the rate's noise. Measured with
+# `benchmarks.overload --only deadline` (BENCHMARKS.md section 3).
+DEADLINE_SHARE = 0.5
 
 
 class Ticket:
@@ -103,6 +110,8 @@ class Admission:
             raise ValueError("the request timeout must be > 0")
         self.limit = limit
         self.timeout_s = timeout_s
+        # Images per second the engines finish with every instance busy; 0 while not known (set by server.models).
+        self.rate: Callable[[], float] = lambda: 0.0
         self.in_flight = 0
         self.arrivals = 0  # every request that asked, admitted or not
         self.draining = False
@@ -142,20 +151,34 @@ class Admission:
     def refusal(self) -> Overloaded | None:
         """The Overloaded `acquire` would raise now, counted as an arrival; None (nothing counted) if it would
         admit. For a front end that refuses before it starts any work for the request."""
-        if self.in_flight < self.limit:
+        if self.in_flight < self.bound():
             return None
         self.arrivals += 1
         return self._overloaded()
 
+    def bound(self) -> int:
+        """The images that may be in flight now: `limit`, or what the engines finish in DEADLINE_SHARE of the
+        default deadline at their recent rate when that is fewer (never under 1)."""
+        rate = self.rate()
+        if rate <= 0:
+            return self.limit
+        return max(1, min(self.limit, int(rate * self.timeout_s * DEADLINE_SHARE)))
+
     def _take(self, images: int, *, alone_ok: bool) -> None:
-        if self.in_flight + images > self.limit and not alone_ok:
+        if self.in_flight + images > self.bound() and not alone_ok:
             raise self._overloaded()
         self.in_flight += images
 
     def _overloaded(self) -> Overloaded:
+        bound = self.bound()
+        why = (
+            f"limit {bound}"
+            if bound == self.limit
+            else f"limit {bound}: what the engines finish in {DEADLINE_SHARE:g} of the "
+            f"{self.timeout_s * 1000:.0f} ms deadline at {self.rate():.0f} img/s"
+        )
         return Overloaded(
-            f"{self.in_flight} images in flight (limit {self.limit}); retry in {RETRY_AFTER_S} s",
-            retry_after_s=RETRY_AFTER_S,
+            f"{self.in_flight} images in flight ({why}); retry in {RETRY_AFTER_S} s", retry_after_s=RETRY_AFTER_S
         )
 
 

@@ -93,10 +93,12 @@ class DynamicBatcher:
         metrics: ModelMetrics | None = None,
         executors: Sequence[ThreadPoolExecutor] | None = None,
         solo: Sequence[InferFn | None] | None = None,
+        per_image_s: float = 0.0,
     ) -> None:
         """`infer`: the engine's infer, or one per instance. `executors`: each instance's single thread, when the
         caller owns them (and loaded the engines there); by default the batcher makes its own. `solo`: per
-        instance, the infer for a lone image with nothing else to do (None: `infer`)."""
+        instance, the infer for a lone image with nothing else to do (None: `infer`). `per_image_s`: engine
+        seconds per image measured before (at warm-up), the estimate until batches refine it (0: none)."""
         self._infers = [infer] if callable(infer) else list(infer)
         if not self._infers:
             raise ValueError("at least one engine instance is needed")
@@ -123,7 +125,7 @@ class DynamicBatcher:
         # Engine seconds per image, a moving average over recent batches (0 until one ran): a batch is not grown
         # past what can finish before the tightest deadline in it, and an image that cannot finish even alone
         # is answered at once instead of taking engine time from the others.
-        self._per_image_s = 0.0
+        self._per_image_s = per_image_s
 
     # ------------------------------------------------------------------------------------------ lifecycle
 

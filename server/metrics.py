@@ -95,6 +95,12 @@ class Metrics:
         self.images_in_flight = Gauge(
             "ssd_images_in_flight", "Images admitted and not yet answered (server.admission)", registry=registry
         )
+        self.admission_bound = Gauge(
+            "ssd_admission_bound",
+            "Images that may be in flight now: max_in_flight, or fewer when the engines' rate would not finish "
+            "them within the deadline (server.admission)",
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "ssd_queue_depth", "Images waiting in the batcher's queue", per_model, registry=registry
         )

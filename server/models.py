@@ -31,6 +31,9 @@ class ModelRegistry:
                 settings.for_model(file), metrics.for_model(name), engine_factory, admission=self.admission
             )
         self.default_name = model_name(settings.model_file)
+        # The models share the machine: together they finish what each finishes alone, at most.
+        self.admission.rate = lambda: sum(pipeline.engine_rate() for pipeline in self._pipelines.values())
+        metrics.admission_bound.set_function(self.admission.bound)
 
     # ------------------------------------------------------------------------------------------ lookup
 

@@ -132,10 +132,12 @@ class Pipeline:
             logger.warning(
                 "max_batch_size %d is above the %s the file was exported for", settings.max_batch_size, exported_max
             )
+        per_image_s = 0.0  # at the largest batch, the slowest instance: the batcher's and admission's first estimate
         if settings.warmup:
             for i, (engine, thread) in enumerate(zip(engines, self._engine_threads)):  # one at a time: whole CPU
                 # A lone batch always finds the first instance free (server.batcher): only it runs solo.
-                await loop.run_in_executor(thread, self._warm_up, engine, metadata, i == 0)
+                warm = await loop.run_in_executor(thread, self._warm_up, engine, metadata, i == 0)
+                per_image_s = max(per_image_s, warm)
         config = BatcherConfig(
             input_size=metadata.input_size,
             max_batch_size=settings.max_batch_size,
@@ -149,24 +151,30 @@ class Pipeline:
             self.metrics,
             executors=self._engine_threads,
             solo=[getattr(engine, "infer_solo", None) for engine in engines],
+            per_image_s=per_image_s,
         )
         self._batcher.start()
         self.metrics.set_model(settings.engine, metadata.input_size)
         logger.info("ready: max batch %d, queue delay %g ms", settings.max_batch_size, settings.max_queue_delay_ms)
 
-    def _warm_up(self, engine: Engine, metadata: ModelMetadata, solo: bool) -> None:
+    def _warm_up(self, engine: Engine, metadata: ModelMetadata, solo: bool) -> float:
+        """Run every warm-up size; the engine seconds per image at the largest."""
         height, width = metadata.input_size
         rng = np.random.default_rng(0)
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        per_image_s = 0.0
         for size in warmup_sizes(self.settings.max_batch_size):
             started = time.perf_counter()
             check_batch_output(engine.infer(np.repeat(image[None], size, axis=0)), size)
-            logger.info("warm-up: batch %d in %.1f ms", size, (time.perf_counter() - started) * 1000)
+            elapsed = time.perf_counter() - started
+            per_image_s = elapsed / size
+            logger.info("warm-up: batch %d in %.1f ms", size, elapsed * 1000)
         infer_solo = getattr(engine, "infer_solo", None)
         if solo and infer_solo is not None:
             started = time.perf_counter()
             check_batch_output(infer_solo(image[None]), 1)
             logger.info("warm-up: a lone image (solo) in %.1f ms", (time.perf_counter() - started) * 1000)
+        return per_image_s
 
     async def stop(self) -> None:
         if self._batcher is not None:
@@ -179,6 +187,13 @@ class Pipeline:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------------ requests
+
+    def engine_rate(self) -> float:
+        """Images per second this model's engines finish with every instance busy, from the recent engine time
+        per image (0 before the first batch)."""
+        if self._batcher is None or self._batcher.engine_s_per_image <= 0:
+            return 0.0
+        return len(self._engine_threads) / self._batcher.engine_s_per_image
 
     def ready(self) -> tuple[ModelMetadata, DynamicBatcher]:
         if self.status != "ready" or self.metadata is None or self._batcher is None:

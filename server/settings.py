@@ -53,7 +53,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="images admitted at once, from arrival to response; beyond it: 503 + Retry-After before the "
-        "body is read (0: max_queue_size, so the batcher's queue never overflows after a decode)",
+        "body is read (0: max_queue_size, so the batcher's queue never overflows after a decode). Lower while the "
+        "engines' measured rate would not finish that many within half the request timeout",
     )
     refusals_per_turn: int = Field(
         64,

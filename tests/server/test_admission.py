@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.admission import Admission
+from server.admission import DEADLINE_SHARE, Admission
 from server.errors import Overloaded, RequestTimeout
 
 
@@ -22,6 +22,25 @@ def test_admits_up_to_the_limit_then_refuses_with_retry_after() -> None:
     assert admission.in_flight == 0
     with admission.admit():  # released: admitted again
         assert admission.in_flight == 1
+
+
+def test_the_bound_is_what_the_engines_finish_within_the_deadline_share() -> None:
+    admission = Admission(limit=256, timeout_s=0.2)
+    assert admission.bound() == 256  # no rate measured yet: the limit
+    admission.rate = lambda: 60.0  # images/s
+    expected = int(60 * 0.2 * DEADLINE_SHARE)
+    assert 1 <= expected < 256 and admission.bound() == expected
+    tickets = [admission.acquire() for _ in range(expected)]
+    assert admission.refusal() is not None
+    with pytest.raises(Overloaded) as refused:
+        admission.acquire()
+    assert "200 ms deadline at 60 img/s" in refused.value.detail and refused.value.status == 503
+    tickets.pop().release()
+    assert admission.refusal() is None  # one slot free again
+    admission.rate = lambda: 1e6  # a fast engine: the configured limit is the bound
+    assert admission.bound() == 256
+    admission.rate = lambda: 0.1  # an engine too slow for the deadline still gets one image at a time
+    assert admission.bound() == 1
 
 
 def test_a_ticket_is_released_once_even_on_errors() -> None:

@@ -283,6 +283,23 @@ def test_a_batch_is_not_grown_past_what_ends_before_its_deadlines() -> None:
     assert all(5 not in batch for batch in engine.batches)
 
 
+def test_an_estimate_from_warm_up_applies_from_the_first_batch() -> None:
+    engine = RecordingEngine()
+    metrics = Metrics(CollectorRegistry()).for_model("m")
+    config = BatcherConfig(input_size=SIZE, max_batch_size=8, request_timeout_s=10)
+    batcher = DynamicBatcher(engine, config, metrics, per_image_s=0.5)  # measured at warm-up: 0.5 s per image
+    assert batcher.engine_s_per_image == 0.5
+
+    async def scenario() -> None:
+        batcher.start()
+        with pytest.raises(RequestTimeout, match="would pass before its inference ends"):
+            await batcher.submit(image(1), deadline=time.perf_counter() + 0.2)
+        await batcher.stop()
+
+    run(scenario())
+    assert engine.batches == []  # it could not finish in time, even as the first image: never inferred
+
+
 def test_an_engine_failure_fails_only_its_batch() -> None:
     engine = RecordingEngine(fail_marker=13)
 

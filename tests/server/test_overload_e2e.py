@@ -232,6 +232,37 @@ def test_under_load_every_answer_comes_by_its_deadline(server_factory: Callable[
     assert inferred < 40, "work for requests past their deadline still reached the engine"
 
 
+def test_a_short_deadline_admits_only_what_the_engines_finish_in_time(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    # Warm-up measures the engines' rate; with a 200 ms deadline the bound falls below max_in_flight (256 by
+    # default): a request that would only wait out its deadline is refused at arrival instead of decoded.
+    srv = server_factory({"request_timeout_ms": 200})
+    bound = metric(srv.url, "ssd_admission_bound")
+    assert 1 <= bound < 256, bound
+    decoded = metric(srv.url, "ssd_decode_duration_seconds_count", model="ssd_mobilenet_v1_coco")
+
+    async def flood() -> list[tuple[int, str, float]]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=httpx.Limits(max_connections=60)) as c:
+
+            async def one() -> tuple[int, str, float]:
+                started = time.perf_counter()
+                r = await c.post("/detect", content=JPEG, headers={"content-type": "image/jpeg"})
+                return r.status_code, r.json().get("detail", ""), time.perf_counter() - started
+
+            return await asyncio.gather(*(one() for _ in range(60)))
+
+    results = asyncio.run(flood())
+    codes = [code for code, _, _ in results]
+    refused = [detail for code, detail, _ in results if code == 503]
+    assert set(codes) <= {200, 503, 504} and refused, codes
+    assert all("ms deadline at" in detail for detail in refused), refused[:3]
+    slowest = max(seconds for _, _, seconds in results)
+    assert slowest < 1.5, f"the slowest answer took {slowest * 1000:.0f} ms with a 200 ms deadline"
+    now_decoded = metric(srv.url, "ssd_decode_duration_seconds_count", model="ssd_mobilenet_v1_coco")
+    assert now_decoded - decoded <= 60 - len(refused), "a request refused at arrival was decoded"
+
+
 # ------------------------------------------------------------------------------------------ disconnects
 
 
