@@ -151,10 +151,11 @@ class Admission:
     def refusal(self) -> Overloaded | None:
         """The Overloaded `acquire` would raise now, counted as an arrival; None (nothing counted) if it would
         admit. For a front end that refuses before it starts any work for the request."""
-        if self.in_flight < self.bound():
+        bound = self.bound()
+        if self.in_flight < bound:
             return None
         self.arrivals += 1
-        return self._overloaded()
+        return self._overloaded(bound)
 
     def bound(self) -> int:
         """The images that may be in flight now: `limit`, or what the engines finish in DEADLINE_SHARE of the
@@ -165,12 +166,12 @@ class Admission:
         return max(1, min(self.limit, int(rate * self.timeout_s * DEADLINE_SHARE)))
 
     def _take(self, images: int, *, alone_ok: bool) -> None:
-        if self.in_flight + images > self.bound() and not alone_ok:
-            raise self._overloaded()
+        bound = self.bound()
+        if self.in_flight + images > bound and not alone_ok:
+            raise self._overloaded(bound)
         self.in_flight += images
 
-    def _overloaded(self) -> Overloaded:
-        bound = self.bound()
+    def _overloaded(self, bound: int) -> Overloaded:
         why = (
             f"limit {bound}"
             if bound == self.limit

@@ -128,8 +128,8 @@ def check_contract(session: Any, metadata: ModelMetadata, path: Path) -> None:
 
 def session_options_for(ort: Any, intra_op_threads: int, *, spin: bool = False) -> Any:
     """The server's SessionOptions: intra-op threads as given (0: ORT's default), sequential, all optimisations,
-    exact integer convs on x86 CPUs without VNNI (model_export.contract.cpu). `spin`: `solo_session_options_for`'s threads (each config entry is set once: ORT warns on stderr, outside the
-    JSON logs, when one is overwritten)."""
+    exact integer convs on x86 CPUs without VNNI (model_export.contract.cpu). `spin`: `solo_session_options_for`'s
+    threads (each config entry is set once: ORT warns on stderr, outside the JSON logs, when one is overwritten)."""
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = intra_op_threads
     session_options.inter_op_num_threads = 1
