@@ -1,4 +1,4 @@
-"""A minimal keep-alive HTTP/1.1 client on asyncio streams, for the load generator only.
+"""A minimal keep-alive HTTP/1.1 client on an asyncio protocol, for the load generator only.
 
 Why not httpx: the load generator shares the CPU with the server on small machines, and a bare client costs a
 fraction of httpx's per-request overhead, so less of the measured time is the benchmark measuring itself.
@@ -11,9 +11,11 @@ Only loopback hosts are accepted (`check_loopback`): this tool must never load a
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -53,8 +55,7 @@ def check_loopback(url: str) -> Target:
     return Target(host=host, port=parts.port or 80, base_path=parts.path.rstrip("/"))
 
 
-@dataclass(frozen=True)
-class Response:
+class Response(NamedTuple):  # a tuple: cheaper to make than a frozen dataclass, ~5,000 a second in a flood
     status: int
     headers: dict[str, str]  # lower-cased names; repeated headers keep the last value
     body: bytes
@@ -64,31 +65,198 @@ class HttpError(Exception):
     """The connection failed or the server sent something this client cannot parse."""
 
 
+class _ResponseReader(asyncio.Protocol):
+    """One connection's protocol: parses the response to the request in flight as its bytes arrive, with no
+    stream buffers or per-request tasks (a load generator's CPU is taken from the server it shares a machine
+    with: ~31-41 us a request on uvloop, against ~53 us on asyncio streams; BENCHMARKS.md section 3)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[Response] | None = None
+        self._no_body = False  # the request in flight was a HEAD
+        self._head: tuple[int, dict[str, str], int] | None = None  # status, headers, where the body starts
+        self._timer: asyncio.TimerHandle | None = None
+        self.lost: Exception | None = None  # set once the connection is closed, by either side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def exchange(self, head: bytes, body: bytes, head_only: bool, timeout_s: float | None) -> asyncio.Future[Response]:
+        """Send one request; the future gets its response (TimeoutError after `timeout_s`: one timer, not a task
+        or an asyncio.timeout scope, which cost a flood client ~10 us a request)."""
+        waiter = self._waiter = self._loop.create_future()
+        self._no_body, self._head = head_only, None
+        if self.lost is not None:
+            waiter.set_exception(ConnectionResetError(f"connection closed: {self.lost!r}"))
+            return waiter
+        assert self.transport is not None
+        self.transport.writelines((head, body))  # one writev; the body is not copied
+        if timeout_s is not None:
+            self._timer = self._loop.call_later(timeout_s, self._time_out, timeout_s)
+        if self._buffer:  # the server spoke first (an early answer, or one it sends before closing)
+            self.data_received(b"")
+        return waiter
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._advance(eof=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc or ConnectionResetError("closed by the server")
+        self._advance(eof=True)
+
+    def _advance(self, eof: bool) -> None:
+        """Answer the request in flight if its whole response is in (or, at `eof`, fail it if not)."""
+        if self._waiter is None or self._waiter.done():
+            return
+        try:
+            response = self._parse(eof)
+        except HttpError as exc:
+            self._finish(exc)
+            return
+        if response is not None:
+            self._finish(response)
+        elif eof:
+            self._finish(ConnectionResetError(f"connection closed mid-response: {self.lost!r}"))
+
+    def _time_out(self, timeout_s: float) -> None:
+        self._timer = None
+        self._finish(TimeoutError(f"no response within {timeout_s:g} s"))
+
+    def _finish(self, outcome: Response | Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if isinstance(outcome, Exception):
+            self.close()  # the stream's state is unknown
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(outcome)
+            return
+        if outcome.headers.get("connection", "").lower() == "close":
+            self.close()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(outcome)
+
+    def close(self) -> None:
+        if self.lost is None:
+            self.lost = ConnectionResetError("closed by this client")
+        if self.transport is not None:
+            self.transport.close()
+
+    def _parse(self, eof: bool) -> Response | None:
+        """The whole response once its bytes are in the buffer (removed from it), else None."""
+        if self._head is None:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return None
+            status_line, *header_lines = self._buffer[:end].decode("latin-1").split("\r\n")
+            try:
+                status = int(status_line.split(" ", 2)[1])
+            except (IndexError, ValueError) as exc:
+                raise HttpError(f"bad status line {status_line!r}") from exc
+            pairs = (line.split(":", 1) for line in header_lines)
+            headers = {pair[0].strip().lower(): pair[1].strip() if len(pair) == 2 else "" for pair in pairs}
+            self._head = status, headers, end + 4
+        status, headers, start = self._head
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            framed = self._chunked(start)
+            if framed is None:
+                return None
+            body, used = framed
+        elif "content-length" in headers:
+            used = start + int(headers["content-length"])
+            if len(self._buffer) < used:
+                return None
+            body = bytes(self._buffer[start:used])
+        elif status in (204, 304) or self._no_body:
+            body, used = b"", start
+        else:  # the body runs to the end of the connection
+            if not eof:
+                return None
+            body, used = bytes(self._buffer[start:]), len(self._buffer)
+            headers["connection"] = "close"
+        del self._buffer[:used]
+        return Response(status, headers, body)
+
+    def _chunked(self, position: int) -> tuple[bytes, int] | None:
+        """(body, end) of a chunked body starting at `position` once all of it has arrived, else None."""
+        parts: list[bytes] = []
+        while True:
+            line_end = self._buffer.find(b"\r\n", position)
+            if line_end < 0:
+                return None
+            try:
+                size = int(bytes(self._buffer[position:line_end]).split(b";", 1)[0].strip(), 16)
+            except ValueError as exc:
+                raise HttpError(f"bad chunk size line {bytes(self._buffer[position:line_end])!r}") from exc
+            position = line_end + 2
+            if size == 0:
+                while True:  # trailers (if any), then the empty line that ends the body
+                    line_end = self._buffer.find(b"\r\n", position)
+                    if line_end < 0:
+                        return None
+                    empty = line_end == position
+                    position = line_end + 2
+                    if empty:
+                        return b"".join(parts), position
+            if len(self._buffer) < position + size + 2:
+                return None
+            parts.append(bytes(self._buffer[position : position + size]))
+            position += size + 2
+
+
+@functools.lru_cache(maxsize=1024)
+def _request_head(
+    method: str, path: str, host: str, port: int, headers: tuple[tuple[str, str], ...], length: int
+) -> bytes:
+    """The request line and headers; a load generator sends the same few again and again."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines.append(f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 class Connection:
     """One keep-alive connection; requests on it are strictly sequential."""
 
     def __init__(self, target: Target) -> None:
         self._target = target
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._protocol: _ResponseReader | None = None
 
     async def _connect(self) -> None:
-        self._reader, self._writer = await asyncio.open_connection(self._target.host, self._target.port)
-        sock = self._writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop = asyncio.get_running_loop()
+        _, self._protocol = await loop.create_connection(
+            lambda: _ResponseReader(loop), self._target.host, self._target.port
+        )
 
     async def request(
-        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        timeout_s: float | None = None,
     ) -> Response:
-        """Send one request and read the whole response. Retries once on a connection the server had closed."""
+        """Send one request and read the whole response. Retries once on a connection the server had closed.
+        `timeout_s`: TimeoutError if the connect or the response takes longer."""
+        target = self._target
+        head = _request_head(
+            method, target.base_path + path, target.host, target.port, tuple((headers or {}).items()), len(body)
+        )
         for attempt in (0, 1):
-            fresh = self._writer is None
+            fresh = self._protocol is None or self._protocol.lost is not None
             if fresh:
-                await self._connect()
+                await asyncio.wait_for(self._connect(), timeout_s)
+            assert self._protocol is not None
             try:
-                return await self._roundtrip(method, path, body, headers or {})
-            except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, HttpError) as exc:
+                return await self._protocol.exchange(head, body, method == "HEAD", timeout_s)
+            except (ConnectionError, HttpError) as exc:
                 self.abort()
                 if fresh or attempt == 1:
                     raise HttpError(f"{method} {path}: {exc!r}") from exc
@@ -97,69 +265,14 @@ class Connection:
                 raise
         raise AssertionError("unreachable")
 
-    async def _roundtrip(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> Response:
-        assert self._reader is not None and self._writer is not None
-        lines = [f"{method} {self._target.base_path}{path} HTTP/1.1", f"Host: {self._target.host}:{self._target.port}"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        lines.append(f"Content-Length: {len(body)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self._writer.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            self._writer.write(body)
-        await self._writer.drain()
-
-        status_and_headers = await self._reader.readuntil(b"\r\n\r\n")
-        status_line, *header_lines = status_and_headers[:-4].decode("latin-1").split("\r\n")
-        try:
-            status = int(status_line.split(" ", 2)[1])
-        except (IndexError, ValueError) as exc:
-            raise HttpError(f"bad status line {status_line!r}") from exc
-        resp_headers: dict[str, str] = {}
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            resp_headers[name.strip().lower()] = value.strip()
-
-        if "chunked" in resp_headers.get("transfer-encoding", "").lower():
-            payload = await self._read_chunked()
-        elif "content-length" in resp_headers:
-            payload = await self._reader.readexactly(int(resp_headers["content-length"]))
-        elif status in (204, 304) or method == "HEAD":
-            payload = b""
-        else:  # body runs to the end of the connection
-            payload = await self._reader.read()
-            resp_headers["connection"] = "close"
-        if resp_headers.get("connection", "").lower() == "close":
-            await self.close()
-        return Response(status, resp_headers, payload)
-
-    async def _read_chunked(self) -> bytes:
-        assert self._reader is not None
-        parts: list[bytes] = []
-        while True:
-            size_line = await self._reader.readuntil(b"\r\n")
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
-            if size == 0:
-                # trailers (if any) end with an empty line
-                while (await self._reader.readuntil(b"\r\n")) != b"\r\n":
-                    pass
-                return b"".join(parts)
-            parts.append(await self._reader.readexactly(size))
-            await self._reader.readexactly(2)
-
     def abort(self) -> None:
         """Drop the connection without waiting (safe inside a cancelled task)."""
-        writer, self._reader, self._writer = self._writer, None, None
-        if writer is not None:
-            writer.close()
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.close()
 
     async def close(self) -> None:
-        writer, self._reader, self._writer = self._writer, None, None
-        if writer is not None:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
+        self.abort()
 
 
 class ConnectionPool:
@@ -171,11 +284,16 @@ class ConnectionPool:
         self._all: list[Connection] = []
 
     async def request(
-        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        timeout_s: float | None = None,
     ) -> Response:
         conn = self._idle.pop() if self._idle else self._new()
         try:
-            return await conn.request(method, path, body, headers)
+            return await conn.request(method, path, body, headers, timeout_s)
         finally:
             self._idle.append(conn)
 

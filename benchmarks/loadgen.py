@@ -166,8 +166,8 @@ class _Requester:
 async def _send(conn: Connection | ConnectionPool, req: _Requester, timeout_s: float, start: float) -> RequestRecord:
     body, headers = req.next()
     try:
-        resp: Response = await asyncio.wait_for(conn.request("POST", req.path, body, headers), timeout_s)
-    except asyncio.TimeoutError:
+        resp: Response = await conn.request("POST", req.path, body, headers, timeout_s)
+    except TimeoutError:
         return RequestRecord(start, time.perf_counter(), -1, req.images_per_request)
     except (HttpError, OSError):
         return RequestRecord(start, time.perf_counter(), 0, req.images_per_request)

@@ -5,9 +5,11 @@
     .venv/bin/python -m benchmarks.overload --only overload --set max_in_flight=64   # another bound, A/B
     .venv/bin/python -m benchmarks.overload --only overload --server-cpus 0,1 --client-cpus 2-7
 
-On one machine the load generator (this process) takes CPU from the server it floods. `--server-cpus` runs each
-server on those CPUs only, sized to them (engine threads and decode workers), and this client on the others
-(or on `--client-cpus`): on a host with spare cores that is a small server flooded from outside.
+On one machine the load generator (this process) takes CPU from the server it floods; it runs on uvloop with
+benchmarks.httpclient's bare protocol client to take as little as it can (~35 us a request). `--server-cpus`
+runs each server on those CPUs only, sized to them (engine threads, decode workers, refusal rate), and this
+client on the others (or on `--client-cpus`): on a host with spare cores that is a small server flooded from
+outside.
 
 Scenarios (each on a fresh server with the default model, 127.0.0.1 only, bounded in time):
   overload    SSD_MAX_QUEUE_SIZE=16: capacity with 8 connections, then 200 connections for --duration;
@@ -35,10 +37,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import uvloop
 
 from benchmarks.httpclient import Connection, HttpError, Target
+from server.settings import REFUSALS_PER_S_PER_CORE
 from server.testing import REPO_ROOT, ServerProcess, start_server
 
 EXTRA: dict[str, str] = {}  # --set NAME=VALUE: settings added to every scenario's server
@@ -48,8 +53,7 @@ IMAGES = sorted((REPO_ROOT.parent / "shared" / "data" / "voc2012_sample" / "JPEG
 JPEG_HEADERS = {"Content-Type": "image/jpeg"}
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):  # a tuple: a flood makes ~5,000 a second, and a frozen dataclass costs 3x more
     start: float
     end: float
     status: int  # 0: connection error, -1: client timeout
@@ -83,7 +87,12 @@ def serve(settings: dict[str, object]) -> ServerProcess:
     if not SERVER_CPUS:
         return start_server(settings)
     cores = len(SERVER_CPUS)
-    sized = {"instances": 2 if cores >= 2 else 1, "intra_op_threads": cores, "decode_workers": min(8, cores)}
+    sized = {
+        "instances": 2 if cores >= 2 else 1,
+        "intra_op_threads": cores,
+        "decode_workers": min(8, cores),
+        "refusal_rate": REFUSALS_PER_S_PER_CORE * cores,
+    }
     os.sched_setaffinity(0, SERVER_CPUS)  # the server process and every thread it starts inherit it
     try:
         return start_server({**sized, **settings})
@@ -102,6 +111,7 @@ async def closed_loop(
     """`connections` clients, each sending its next request when the previous returns, for `duration_s`."""
     records: list[Record] = []
     stop = time.perf_counter() + duration_s
+    request_headers = {**JPEG_HEADERS, **(headers or {})}
 
     async def client(index: int) -> None:
         conn = Connection(target)
@@ -110,12 +120,9 @@ async def closed_loop(
             while time.perf_counter() < stop:
                 started = time.perf_counter()
                 try:
-                    response = await asyncio.wait_for(
-                        conn.request("POST", "/detect", bodies[i % len(bodies)], {**JPEG_HEADERS, **(headers or {})}),
-                        60,
-                    )
+                    response = await conn.request("POST", "/detect", bodies[i % len(bodies)], request_headers, 60)
                     status = response.status
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     status = -1
                 except (HttpError, OSError):
                     status = 0
@@ -213,7 +220,7 @@ def overload(duration_s: float, bodies: list[bytes]) -> list[Row]:
                 Row("overload", "back to normal latency after", ms(recovered), "< 1000 ms"),
             ]
 
-        return asyncio.run(run())
+        return uvloop.run(run())
     finally:
         server.stop()
 
@@ -221,7 +228,7 @@ def overload(duration_s: float, bodies: list[bytes]) -> list[Row]:
 def deadline(duration_s: float, bodies: list[bytes]) -> list[Row]:
     server = serve({"request_timeout_ms": 200})
     try:
-        records, _ = asyncio.run(closed_loop(target_of(server), 200, duration_s, bodies))
+        records, _ = uvloop.run(closed_loop(target_of(server), 200, duration_s, bodies))
         latencies = [r.latency for r in records if r.status > 0]
         ok = [r.latency for r in records if r.status == 200]
         return [
@@ -278,7 +285,7 @@ def drain(bodies: list[bytes]) -> list[Row]:
         ]
 
     try:
-        return asyncio.run(run())
+        return uvloop.run(run())
     finally:
         server.stop()
 
@@ -324,7 +331,7 @@ def slow(duration_s: float, bodies: list[bytes]) -> list[Row]:
         ]
 
     try:
-        return asyncio.run(run())
+        return uvloop.run(run())
     finally:
         server.stop()
 
@@ -333,7 +340,7 @@ def defaults(duration_s: float, bodies: list[bytes]) -> list[Row]:
     server = serve({})
     try:
         before = rss_mb(server)
-        records, elapsed = asyncio.run(closed_loop(target_of(server), 600, duration_s, bodies))
+        records, elapsed = uvloop.run(closed_loop(target_of(server), 600, duration_s, bodies))
         after = rss_mb(server)
         time.sleep(5)  # the server trims glibc's free memory once arrivals stop for 2 s
         idle = rss_mb(server)
@@ -376,7 +383,7 @@ def bad_inputs(count: int, bodies: list[bytes]) -> list[Row]:
             await asyncio.gather(*(client() for _ in range(8)))
             return records
 
-        records = asyncio.run(run())
+        records = uvloop.run(run())
         after = rss_mb(server)
         time.sleep(5)
         return [
@@ -403,7 +410,7 @@ def refusal_cost(duration_s: float, bodies: list[bytes]) -> list[Row]:
         holder.sendall(b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n")
         time.sleep(0.5)  # admitted, then waiting for the body that does not come
         server_before, client_before = cpu_s(server.process.pid), time.process_time()
-        records, elapsed = asyncio.run(closed_loop(target, 200, duration_s, bodies))
+        records, elapsed = uvloop.run(closed_loop(target, 200, duration_s, bodies))
         server_us = (cpu_s(server.process.pid) - server_before) / len(records) * 1e6
         client_us = (time.process_time() - client_before) / len(records) * 1e6
         holder.close()

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         http=connections.protocol_class(
             settings.client_timeout_s,
             settings.max_header_bytes,
-            settings.refusals_per_turn,
+            settings.effective_refusal_rate,
             on_reject=app.state.metrics.reject,
             answer_at_arrival=app.state.answer_at_arrival,
         ),

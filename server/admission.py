@@ -4,10 +4,12 @@
         upload = ...read the request...                         # nothing decoded before admission
         result = await pipeline.detect(upload, options, ticket=ticket)
 
-HTTP admits in `AdmissionMiddleware`, the first thing after the metrics, before routing and before the body is
-read; the route takes the ticket with `admitted(request.scope)` and shortens its deadline to the client's
-(`shorten`). While admission is full, uvicorn's protocol refuses before any ASGI work (`refusal`, through
-server.app's `arrival_refusals` and server.connections), which is what a flood of refusals costs.
+HTTP admits in uvicorn's protocol once a request's headers are in (`acquire_or_refusal`, through server.app's
+`arrival_refusals` and server.connections): a refusal is answered there, before any ASGI work, which is what a
+flood of refusals costs, and an admitted request carries its ticket into the app. `AdmissionMiddleware`, the
+first thing after the metrics, before routing and before the body is read, admits the requests the protocol
+left to uvicorn's own parsing; the route takes the ticket with `admitted(request.scope)` and shortens its
+deadline to the client's (`shorten`).
 
 `admit` is called when a request arrives, before its body is read or decoded. It refuses at once when
 `bound()` images are already in flight (read, queued for decode, decoding, queued for the engine, in the
@@ -148,14 +150,15 @@ class Admission:
         self._take(1, alone_ok=False)
         return Ticket(self, self.timeout_for(timeout_ms))
 
-    def refusal(self) -> Overloaded | None:
-        """The Overloaded `acquire` would raise now, counted as an arrival; None (nothing counted) if it would
-        admit. For a front end that refuses before it starts any work for the request."""
-        bound = self.bound()
-        if self.in_flight < bound:
-            return None
+    def acquire_or_refusal(self) -> Ticket | Overloaded:
+        """`acquire` for a front end that answers refusals itself: the ticket, or the Overloaded that `acquire`
+        would raise (counted as an arrival either way), without raising it."""
         self.arrivals += 1
-        return self._overloaded(bound)
+        bound = self.bound()
+        if self.in_flight >= bound:
+            return self._overloaded(bound)
+        self.in_flight += 1
+        return Ticket(self, self.timeout_s)
 
     def bound(self) -> int:
         """The images that may be in flight now: `limit`, or what the engines finish in DEADLINE_SHARE of the
@@ -212,7 +215,9 @@ def admitted(scope: Scope) -> Ticket:
 
 class AdmissionMiddleware:
     """Admit each request to a path `admits` at arrival, before routing and before its body is read: a JSON 503 with
-    Retry-After when `admission()` is full (counted by `on_reject`), else the request runs holding its ticket."""
+    Retry-After when `admission()` is full (counted by `on_reject`), else the request runs holding its ticket.
+    A request the server's protocol admitted from its headers (scope[TICKET_KEY]) keeps that ticket; either way
+    the ticket is released when the request ends."""
 
     def __init__(
         self,
@@ -230,14 +235,16 @@ class AdmissionMiddleware:
         if scope["type"] != "http" or not self.admits(scope["path"]):
             await self.app(scope, receive, send)
             return
-        try:
-            ticket = self.admission().acquire()
-        except Overloaded as exc:
-            if self.on_reject is not None:
-                self.on_reject(exc.reject_reason or "overloaded")
-            await error_response(exc)(scope, receive, send)
-            return
-        scope[TICKET_KEY] = ticket
+        ticket = scope.get(TICKET_KEY)  # admitted already by the server's protocol (server.app.arrival_refusals)
+        if ticket is None:
+            try:
+                ticket = self.admission().acquire()
+            except Overloaded as exc:
+                if self.on_reject is not None:
+                    self.on_reject(exc.reject_reason or "overloaded")
+                await error_response(exc)(scope, receive, send)
+                return
+            scope[TICKET_KEY] = ticket
         try:
             await self.app(scope, receive, send)
         finally:

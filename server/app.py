@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import annotate, browser, connections, requestid, uploads
-from server.admission import AdmissionMiddleware, RequestedTimeout, admitted
+from server.admission import TICKET_KEY, AdmissionMiddleware, RequestedTimeout, Ticket, admitted
 from server.allocator import trim_when_idle
 from server.engines.base import Engine
 from server.errors import ServerError, install_error_handlers
@@ -347,31 +347,34 @@ def is_admitted(path: str) -> bool:
 def arrival_refusals(
     models: ModelRegistry, metrics: Metrics, access_log: bool
 ) -> Callable[[Scope], connections.EarlyResponse | None]:
-    """The protocol's answer to a request that arrives while admission is full (server.connections): the 503
+    """Admission at arrival for uvicorn's protocol (server.connections), from a request's headers: None for a
+    request admitted (its ticket goes into the scope, for AdmissionMiddleware) or not admitted at all (paths
+    other than the detection endpoints), else the refusal to answer with: the 503
     AdmissionMiddleware would give, with what the stack around it adds (request id, metrics, access log), sent
-    before any ASGI work: no task, no middleware. A refusal of a ~100 KB upload then costs the server 132 us of
-    CPU instead of 172 us, most of it receiving and parsing the body (BENCHMARKS.md, `refusal_cost`). Admitted
-    requests are admitted by the middleware."""
+    before any ASGI work: no task, no middleware, no request cycle (BENCHMARKS.md section 3, `refusal_cost`, for
+    what a refusal costs)."""
 
     def refuse(scope: Scope) -> connections.EarlyResponse | None:
-        if not is_admitted(scope["path"]):
+        path = scope["path"]
+        if not is_admitted(path):
             return None
-        refusal = models.admission.refusal()
-        if refusal is None:
+        refusal = models.admission.acquire_or_refusal()
+        if isinstance(refusal, Ticket):
+            scope[TICKET_KEY] = refusal  # for AdmissionMiddleware: admitted here, from the headers
             return None
         started = time.perf_counter()
         metrics.reject(refusal.reject_reason or "overloaded")
-        record = requestid.RequestRecord(requestid.incoming_id(scope))
-        body = _dumps({**refusal.body(), "request_id": record.request_id})
+        request_id = requestid.incoming_id(scope)
+        body = _dumps({**refusal.body(), "request_id": request_id})
         headers = [
             (b"content-type", b"application/json"),
-            *((name.lower().encode(), value.encode()) for name, value in (refusal.headers() or {}).items()),
-            (requestid.HEADER_KEY, record.request_id.encode()),
+            (b"retry-after", b"%d" % refusal.retry_after_s),
+            (requestid.HEADER_KEY, request_id.encode()),
         ]
         elapsed = time.perf_counter() - started
-        metrics.count_request(endpoint_of(scope["path"]), refusal.status, elapsed)
+        metrics.count_request(endpoint_of(path), refusal.status, elapsed)
         if access_log:
-            requestid.log_access(scope, record, refusal.status, elapsed, 0, ENDPOINTS)
+            requestid.log_access(scope, requestid.RequestRecord(request_id), refusal.status, elapsed, 0, ENDPOINTS)
         return connections.EarlyResponse(refusal.status, headers, body)
 
     return refuse

@@ -10,8 +10,8 @@
   `keep_alive_timeout_s` is closed like a kept-alive one, and its own protocol errors and concurrency-limit
   refusals are JSON.
   A request the app refuses at arrival (`answer_at_arrival`: admission is full) is answered by the protocol
-  itself, before any ASGI task or middleware, and its connection then waits in a `RefusalGate`, so that a flood
-  of refusals cannot hold back the requests being served.
+  itself, before any ASGI task or middleware, and the answer goes out at its turn in a `RefusalGate`, which sends
+  refusals at a bounded rate, so that a flood of refusals cannot take the CPU of the requests being served.
 - `DrainingServer`: uvicorn's server with a drain: on SIGTERM/SIGINT readiness fails at once (`on_drain`), the
   server keeps serving for `drain_s`, then stops accepting, lets in-flight requests finish (uvicorn's graceful
   shutdown, bounded) and exits 0. A second signal skips the rest of the drain; a third SIGINT forces the exit.
@@ -24,6 +24,7 @@ import collections
 import functools
 import json
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -33,8 +34,8 @@ from typing import Any, NamedTuple
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.flow_control import FlowControl, service_unavailable
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from server.errors import CLIENT_CLOSED, CLIENT_TIMEOUT, CLIENT_TIMEOUT_KEY
 
@@ -69,33 +70,52 @@ class EarlyResponse(NamedTuple):
 
 
 class RefusalGate:
-    """Where a connection just refused at arrival waits before its next request is read: `per_turn` of them are
-    let through per turn of the event loop, first come first served.
+    """Paces the answers to requests refused at arrival: at most `per_second` of them are sent a second, in the
+    order they were refused; each waits for its turn (`send`).
 
-    A turn of the loop runs every connection that is ready. Under a flood that is every flooding connection,
-    each resending the moment it is refused, so a turn lasts as long as a few hundred refusals, and an admitted
-    request, which needs a dozen turns from its headers to its response, crawls. Through the gate a turn holds at
-    most `per_turn` refusals: admitted requests advance every few refusals, the refusals still come as fast as
-    the CPU allows, and each refused client waits its turn in the gate instead of in the loop."""
+    A flooding client ignores Retry-After and resends the moment its 503 arrives, so unpaced refusals come as
+    fast as the CPU allows and take the CPU the admitted requests need: on 2 cores a refusal of a ~100 KB upload
+    costs the server ~60 us and a client on the same machine ~35 us, and at ~8,000 a second the flood took a
+    core (goodput 49% of capacity, BENCHMARKS.md section 3). Paced, a refused client waits for its 503, which
+    costs nothing, and the 503 arrives after (refusals waiting) / `per_second`: 46 ms for 184 at 4,000 a second.
+    The request is still refused at arrival, from its headers; what waits is the answer, while the rest of the
+    body is read and dropped as it comes (the connection is not paused: a paused one stalls the client's upload
+    half-way, and the server then pays for resuming it).
 
-    def __init__(self, per_turn: int) -> None:
-        self.per_turn = per_turn
-        self._waiting: collections.deque[FlowControl] = collections.deque()
-        self._scheduled = False
+    The schedule is GCRA's (an answer's turn is one interval after the previous one's, or now if that has
+    passed). The gate wakes at most every TICK_S and sends every answer due by the next wake-up: a timer under
+    libuv's 1 ms resolution would fire at once and spin, and each wake-up costs the loop and the woken clients
+    about what a few refusals do (per refusal, server / client CPU: 74 / 41 us with 1 ms ticks, 59 / 33 us with
+    4 ms, at 4,000 a second on 2 cores). An answer goes out at most TICK_S before its turn."""
 
-    def hold(self, flow: FlowControl, loop: asyncio.AbstractEventLoop) -> None:
-        flow.pause_reading()
-        self._waiting.append(flow)
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._release, loop)
+    TICK_S = 0.004
+
+    def __init__(self, per_second: float) -> None:
+        if per_second <= 0:
+            raise ValueError("the refusal rate must be > 0")
+        self.interval = 1.0 / per_second
+        self._waiting: collections.deque[tuple[float, Callable[[], None]]] = collections.deque()
+        self._last_turn = -math.inf
+        self._timer: asyncio.TimerHandle | None = None
+
+    def send(self, answer: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
+        """Call `answer` (it writes the refusal) now if its turn has come, else when it comes."""
+        now = loop.time()
+        self._last_turn = turn = max(now, self._last_turn + self.interval)
+        if turn <= now + self.TICK_S and not self._waiting:
+            answer()
+            return
+        self._waiting.append((turn, answer))
+        if self._timer is None:
+            self._timer = loop.call_at(max(turn, now + self.TICK_S), self._release, loop)
 
     def _release(self, loop: asyncio.AbstractEventLoop) -> None:
-        for _ in range(min(self.per_turn, len(self._waiting))):
-            self._waiting.popleft().resume_reading()  # a no-op on a connection closed meanwhile
-        self._scheduled = bool(self._waiting)
-        if self._scheduled:
-            loop.call_soon(self._release, loop)
+        now = loop.time()
+        while self._waiting and self._waiting[0][0] <= now + self.TICK_S:
+            self._waiting.popleft()[1]()
+        self._timer = None
+        if self._waiting:
+            self._timer = loop.call_at(max(self._waiting[0][0], now + self.TICK_S), self._release, loop)
 
 
 # ------------------------------------------------------------------------------------------ ASGI middleware
@@ -171,13 +191,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     client_timeout_s: float = 30.0
     max_header_bytes: int = 32 * 1024
     on_reject: Callable[[str], None] | None = None  # counts what is refused here, before any ASGI request
-    # scope -> the response to send now instead of running the app (it counts and logs it), or None
+    # scope -> the refusal to answer with instead of running the app (it counts and logs it), or None: admitted
+    # (the ticket is in the scope) or not a request admission applies to
     answer_at_arrival: Callable[[Scope], EarlyResponse | None] | None = None
     refusal_gate: RefusalGate  # set by protocol_class
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._request_timer: asyncio.TimerHandle | None = None
+        self._message_began: float | None = None  # loop time the request now arriving began; None between requests
+        self._pending_answer: Callable[[], None] | None = None  # a refusal waiting for its turn (RefusalGate)
+        self._refusing = False  # the request now arriving was refused from its headers: its body is dropped
         self._awaiting_headers = True
         self._header_bytes = 0
         self._headers_seen = 0
@@ -196,18 +220,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         seen = self._headers_seen
         super().data_received(data)
-        if self._awaiting_headers and seen == self._headers_seen and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._awaiting_headers and seen == self._headers_seen:
             self._header_bytes += len(data)
             if self._header_bytes > self.max_header_bytes:
                 logger.info("closing a connection: request headers over %d bytes", self.max_header_bytes)
                 detail = f"the request line and headers exceed {self.max_header_bytes} bytes"
                 self._refuse(431, "headers_too_large", detail, "headers_too_large")
+                return
+        # The whole-request timer starts only for a request still arriving once this data is parsed: most
+        # requests arrive in one read, and a timer made and cancelled for each was a tenth of a refusal's cost.
+        if self._message_began is not None and self._request_timer is None:
+            self._request_timer = self.loop.call_at(self._message_began + self.client_timeout_s, self._client_timed_out)
 
     def on_message_begin(self) -> None:
+        if self._pending_answer is not None:  # a pipelined request: the refusal before it goes out first
+            self._pending_answer()
         super().on_message_begin()
         self._awaiting_headers = True
         self._cancel_request_timer()
-        self._request_timer = self.loop.call_later(self.client_timeout_s, self._client_timed_out)
+        self._message_began = self.loop.time()
 
     def on_headers_complete(self) -> None:
         self._awaiting_headers = False
@@ -215,10 +248,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._headers_seen += 1
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         self._oversized = size > self.max_header_bytes  # arrived in one piece: answered by _start_asgi_task
+        if not self._oversized and self._refused_at_arrival():
+            return
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refusing:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        self._message_began = None
         self._cancel_request_timer()
+        if self._refusing:
+            self._refusing = False
+            return
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -238,32 +281,69 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             app = functools.partial(_headers_too_large, self.max_header_bytes)
         elif app is service_unavailable:
             app = _over_connection_limit
-        elif self.answer_at_arrival is not None:
-            response = self.answer_at_arrival(cycle.scope)
-            if response is not None:
-                self._answer_now(cycle, response)
-                return
         super()._start_asgi_task(cycle, app)
 
-    def _answer_now(self, cycle: Any, response: EarlyResponse) -> None:
-        """Send `response` as the cycle's whole answer; the body still arriving is discarded (`on_body`)."""
+    def _refused_at_arrival(self) -> bool:
+        """Admission from the headers: True if `answer_at_arrival` refused the request that just arrived, which
+        is then answered at its turn in the RefusalGate and whose body is dropped as it arrives (`on_body`).
+        A request it admits carries its ticket in the scope into the app.
+
+        This runs before uvicorn's own on_headers_complete, which would build the request's cycle (the ASGI
+        messages, events and flow control of a request the app runs): under a flood nearly every request is
+        refused, and a refusal without that costs the event loop a fifth less (BENCHMARKS.md, section 3).
+        Requests this cannot read as plainly as uvicorn would (pipelined behind one still running, an upgrade,
+        a percent-encoded or absolute-form path, over the connection limit) take uvicorn's way, and
+        AdmissionMiddleware admits or refuses them."""
+        if self.answer_at_arrival is None or self.parser.should_upgrade():
+            return False
+        if self.cycle is not None and not self.cycle.response_complete:
+            return False
+        limit = self.limit_concurrency  # over it uvicorn answers service_unavailable (_start_asgi_task): no app
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            return False
+        raw_path, _, query = self.url.partition(b"?")
+        if not raw_path.startswith(b"/") or b"%" in raw_path:
+            return False
+        scope = self.scope  # uvicorn's, from on_message_begin: what answer_at_arrival reads of it, filled in here
+        scope["method"] = self.parser.get_method().decode("ascii")
+        scope["path"] = self.root_path + raw_path.decode("ascii")
+        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        scope["query_string"] = query
+        response = self.answer_at_arrival(scope)
+        if response is None:
+            return False
         # A client waiting for 100-continue may never send the body the parser expects: close, as it cannot be
         # told apart from the next request.
-        keep_alive = cycle.keep_alive and not cycle.waiting_for_100_continue
-        status_line = b"HTTP/1.1 %d %s\r\n" % (response.status, HTTPStatus(response.status).phrase.encode())
+        keep_alive = (
+            self.parser.get_http_version() != "1.0"
+            and self.parser.should_keep_alive()
+            and not self.expect_100_continue
+        )
         headers = [
             *self.server_state.default_headers,
             *response.headers,
             (b"content-length", b"%d" % len(response.body)),
             *(() if keep_alive else ((b"connection", b"close"),)),
         ]
-        self.transport.write(status_line + b"".join(b"%s: %s\r\n" % pair for pair in headers) + b"\r\n" + response.body)
-        cycle.response_started = cycle.response_complete = True
-        if not keep_alive:
-            self.transport.close()
-        cycle.on_response()
-        if keep_alive:
-            self.refusal_gate.hold(self.flow, self.loop)
+        head = STATUS_LINE[response.status] + b"".join(b"%s: %s\r\n" % pair for pair in headers) + b"\r\n"
+        payload = head + response.body
+        self._refusing = True
+
+        def answer() -> None:
+            if self._pending_answer is not answer:  # sent already, ahead of its turn (on_message_begin)
+                return
+            self._pending_answer = None
+            if self.transport.is_closing():  # the client left while it waited
+                return
+            self.transport.write(payload)
+            if keep_alive:
+                self.on_response_complete()  # uvicorn's: counted, and the connection waits for its next request
+            else:
+                self.transport.close()
+
+        self._pending_answer = answer
+        self.refusal_gate.send(answer, self.loop)
+        return True
 
     def _cancel_request_timer(self) -> None:
         if getattr(self, "_request_timer", None) is not None:
@@ -273,6 +353,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _client_timed_out(self) -> None:
         self._request_timer = None
         if self.transport.is_closing():
+            return
+        if self._refusing:  # answered (or about to be) from its headers: nothing more can be said
+            logger.info("closing a connection: a refused request's body did not arrive in %g s", self.client_timeout_s)
+            self.transport.close()
             return
         cycle = None if self._awaiting_headers else self.cycle
         logger.info(
@@ -309,17 +393,17 @@ async def _over_connection_limit(scope: Scope, receive: Receive, send: Send) -> 
 def protocol_class(
     client_timeout_s: float,
     max_header_bytes: int,
-    refusals_per_turn: int,
+    refusals_per_s: float,
     on_reject: Callable[[str], None] | None = None,
     answer_at_arrival: Callable[[Scope], EarlyResponse | None] | None = None,
 ) -> type[GuardedHttpToolsProtocol]:
     """The protocol for uvicorn.Config(http=...), with these bounds; `on_reject(reason)` counts its refusals,
-    `answer_at_arrival` answers requests the app refuses before any ASGI work, and the connections it refuses
-    wait in a RefusalGate letting `refusals_per_turn` through per turn of the event loop."""
+    `answer_at_arrival` answers requests the app refuses before any ASGI work, and those answers are sent by a
+    RefusalGate at `refusals_per_s` at most."""
     attributes: dict[str, object] = {
         "client_timeout_s": client_timeout_s,
         "max_header_bytes": max_header_bytes,
-        "refusal_gate": RefusalGate(refusals_per_turn),
+        "refusal_gate": RefusalGate(refusals_per_s),
     }
     for name, hook in (("on_reject", on_reject), ("answer_at_arrival", answer_at_arrival)):
         if hook is not None:

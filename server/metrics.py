@@ -47,6 +47,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._reject_children: dict[str, Any] = {}
         self.requests = Counter(
             "ssd_requests", "HTTP requests by endpoint and status code", ["endpoint", "code"], registry=registry
         )
@@ -127,7 +128,10 @@ class Metrics:
         return ModelMetrics(self, model)
 
     def reject(self, reason: str) -> None:
-        self.rejected.labels(reason=reason).inc()
+        child = self._reject_children.get(reason)  # looked up once per reason, as in count_request
+        if child is None:
+            child = self._reject_children[reason] = self.rejected.labels(reason=reason)
+        child.inc()
 
     def count_request(self, endpoint: str, status: int, seconds: float) -> None:
         """ssd_requests_total{endpoint,code} and ssd_request_duration_seconds{endpoint} for one answered request.

@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_MODEL_NAME = "ssd_mobilenet_v1_coco"
 DEFAULT_MODEL_PATH = Path("weights") / f"{DEFAULT_MODEL_NAME}.onnx"
 
+REFUSALS_PER_S_PER_CORE = 2000
+
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["text", "json"]
 
@@ -56,11 +58,12 @@ class Settings(BaseSettings):
         "body is read (0: max_queue_size, so the batcher's queue never overflows after a decode). Lower while the "
         "engines' measured rate would not finish that many within half the request timeout",
     )
-    refusals_per_turn: int = Field(
-        64,
-        ge=1,
-        description="under a flood, connections refused at arrival that are read again per turn of the event loop "
-        "(server.connections.RefusalGate; fewer: admitted requests go faster and refusals slower)",
+    refusal_rate: float = Field(
+        0,
+        ge=0,
+        description="refusals at arrival answered per second at most; beyond it a refused request's 503 waits its "
+        "turn, so clients that resend at once cannot take the CPU admitted requests need "
+        "(server.connections.RefusalGate; 0: 2,000 per CPU core)",
     )
     drain_seconds: float = Field(
         5.0,
@@ -181,6 +184,13 @@ class Settings(BaseSettings):
     @property
     def effective_decode_workers(self) -> int:
         return self.decode_workers or min(8, os.cpu_count() or 1)
+
+    @property
+    def effective_refusal_rate(self) -> float:
+        # A refusal of a ~100 KB upload costs the server ~60 us of CPU on 2 cores (and a client on the same
+        # machine ~35 us): 2,000 a second per core keeps the server's refusals near an eighth of its CPU, and a
+        # flood of 200 connections against 16 admitted gets its 503s in 46 ms (BENCHMARKS.md, section 3).
+        return self.refusal_rate or REFUSALS_PER_S_PER_CORE * (os.cpu_count() or 1)
 
     @property
     def model_file(self) -> Path:

@@ -219,3 +219,21 @@ def test_batch_item_errors_are_read_from_the_answer():
     body = json.dumps({"results": [{"detections": []}, {"error": "invalid_image", "status": 400}]}).encode()
     assert _batch_item_errors(body) == (400,)
     assert _batch_item_errors(b"not json") == (0,)
+
+
+def test_a_response_later_than_the_timeout_is_a_timeout_error_and_the_connection_recovers():
+    async def go():
+        async with Stub(delay_s=1.0) as stub:
+            conn = Connection(check_loopback(stub.url))
+            try:
+                started = asyncio.get_running_loop().time()
+                with pytest.raises(TimeoutError):
+                    await conn.request("POST", "/detect", b"xy", {"Content-Type": "image/jpeg"}, timeout_s=0.1)
+                waited = asyncio.get_running_loop().time() - started
+                after = await conn.request("GET", "/metrics", timeout_s=5)  # on a fresh connection
+            finally:
+                await conn.close()
+            return waited, after
+
+    waited, after = run(go())
+    assert 0.09 <= waited < 0.5 and after.status == 200

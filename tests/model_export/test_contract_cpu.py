@@ -38,7 +38,11 @@ def test_cpu_flags_come_from_the_first_flags_line(tmp_path: Path) -> None:
 
 def test_the_precision_option_is_set_exactly_where_u8s8_saturates() -> None:
     options = exact_integer_options(ort.SessionOptions())
-    assert (options.get_session_config_entry(X64_QUANT_PRECISION) == "1") == u8s8_saturates()
+    try:
+        entry: str | None = options.get_session_config_entry(X64_QUANT_PRECISION)
+    except RuntimeError:  # ORT raises for a key never set: what a CPU with VNNI gets
+        entry = None
+    assert (entry == "1") == u8s8_saturates()
 
 
 def test_an_int8_conv_whose_pairs_overflow_16_bits_is_exact(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.admission import DEADLINE_SHARE, Admission
+from server.admission import DEADLINE_SHARE, Admission, Ticket
 from server.errors import Overloaded, RequestTimeout
 
 
@@ -31,12 +31,14 @@ def test_the_bound_is_what_the_engines_finish_within_the_deadline_share() -> Non
     expected = int(60 * 0.2 * DEADLINE_SHARE)
     assert 1 <= expected < 256 and admission.bound() == expected
     tickets = [admission.acquire() for _ in range(expected)]
-    assert admission.refusal() is not None
+    assert isinstance(admission.acquire_or_refusal(), Overloaded) and admission.in_flight == expected
     with pytest.raises(Overloaded) as refused:
         admission.acquire()
     assert "200 ms deadline at 60 img/s" in refused.value.detail and refused.value.status == 503
     tickets.pop().release()
-    assert admission.refusal() is None  # one slot free again
+    ticket = admission.acquire_or_refusal()  # one slot free again: taken
+    assert isinstance(ticket, Ticket) and admission.in_flight == expected
+    ticket.release()
     admission.rate = lambda: 1e6  # a fast engine: the configured limit is the bound
     assert admission.bound() == 256
     admission.rate = lambda: 0.1  # an engine too slow for the deadline still gets one image at a time

@@ -164,6 +164,55 @@ def test_a_refusal_at_arrival_is_a_whole_response_on_a_kept_alive_connection(gua
     assert metric(guarded.url, "ssd_requests_total", endpoint="/detect", code="503") == counted + 4
 
 
+def test_pipelined_requests_refused_at_arrival_are_answered_in_order(guarded: ServerProcess) -> None:
+    """Two requests in one write while admission is full: the first is refused from its headers and answered
+    before the second is read; both answers come, in order, on the kept-alive connection."""
+    with both_slots_held(guarded), connect(guarded) as sock:
+        pipelined = b"".join(head(length=len(JPEG), extra=f"X-Request-ID: pipe-{i}\r\n") + JPEG for i in range(2))
+        sock.sendall(pipelined)
+        replies = [read_response(sock) for _ in range(2)]
+    for i, reply in enumerate(replies):
+        assert reply.startswith("HTTP/1.1 503") and f'"request_id":"pipe-{i}"' in reply, reply
+
+
+def test_refusals_are_answered_at_the_refusal_rate(server_factory: Callable[..., ServerProcess]) -> None:
+    """Clients that resend the moment they are refused get their 503s at `refusal_rate` a second in all, each
+    waiting its turn, while a request that can be admitted is not held back by them."""
+    srv = server_factory({**FAST, "max_in_flight": 1, "refusal_rate": 40, "client_timeout_s": 30})
+    holder = connect(srv)
+    holder.sendall(head(length=len(JPEG)) + JPEG[:100])  # holds the one slot
+    wait_for(lambda: metric(srv.url, "ssd_images_in_flight") == 1, 10, "the slot held")
+    body = JPEG[:2000]  # refused from its headers: its content does not matter
+
+    async def resend_when_refused(stop: float) -> list[float]:
+        reader, writer = await asyncio.open_connection(*address(srv))
+        waits = []
+        try:
+            while time.monotonic() < stop:
+                started = time.monotonic()
+                writer.write(head(length=len(body)) + body)
+                status = await reader.readuntil(b"\r\n\r\n")
+                lines = status.lower().split(b"\r\n")
+                await reader.readexactly(int(next(line for line in lines if line.startswith(b"content-length"))[15:]))
+                assert status.startswith(b"HTTP/1.1 503"), status
+                waits.append(time.monotonic() - started)
+        finally:
+            writer.close()
+        return waits
+
+    async def flood() -> list[list[float]]:
+        stop = time.monotonic() + 2.0
+        return await asyncio.gather(*(resend_when_refused(stop) for _ in range(8)))
+
+    try:
+        waits = [wait for client in asyncio.run(flood()) for wait in client]
+    finally:
+        holder.close()
+    # 2 s at 40 a second: ~80 in all (+ the last round's 8), where unpaced the 8 clients would get thousands
+    assert 60 <= len(waits) <= 100, len(waits)
+    assert sorted(waits)[len(waits) // 2] > 0.1, "8 clients at 40 answers a second wait ~200 ms each"
+
+
 def test_a_flood_gets_fast_503s_and_the_admitted_are_served(guarded: ServerProcess) -> None:
     async def flood() -> list[tuple[int, float, str]]:
         async with httpx.AsyncClient(base_url=guarded.url, timeout=60, limits=httpx.Limits(max_connections=30)) as c:

@@ -1,42 +1,68 @@
-"""RefusalGate (server.connections): refused connections are read again a few per turn of the event loop."""
+"""RefusalGate (server.connections): refusals are answered at a bounded rate, in order, without spinning."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+
+import pytest
+import uvloop
 
 from server.connections import RefusalGate
 
 
-class Flow:
-    """The two calls the gate makes on uvicorn's FlowControl, recorded with the loop turn they came in."""
+async def answer_times(gate: RefusalGate, count: int) -> list[float]:
+    """Hand the gate `count` answers at once; the loop time each was sent, in the order they were handed in."""
+    loop = asyncio.get_running_loop()
+    sent: list[float] = []
+    done = loop.create_future()
 
-    def __init__(self, turn: list[int]) -> None:
-        self.turn = turn
-        self.read_paused = False
-        self.resumed_at_turn: int | None = None
+    def answer() -> None:
+        sent.append(loop.time())
+        if len(sent) == count:
+            done.set_result(None)
 
-    def pause_reading(self) -> None:
-        self.read_paused = True
-
-    def resume_reading(self) -> None:
-        self.read_paused = False
-        self.resumed_at_turn = self.turn[0]
+    for _ in range(count):
+        gate.send(answer, loop)
+    await asyncio.wait_for(done, 10)
+    return sent
 
 
-def test_the_gate_lets_per_turn_connections_through_each_turn_first_come_first_served() -> None:
-    turn = [0]
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_answers_go_out_at_the_rate_first_come_first_served(run) -> None:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    sent = run(answer_times(RefusalGate(per_second=200), 21))
+    elapsed = time.monotonic() - started
+    assert sent == sorted(sent)
+    # the first at once, then one every 5 ms: 100 ms for the other 20 (timers fire late, never early)
+    assert sent[-1] - sent[0] >= 0.1 - RefusalGate.TICK_S - 0.002, sent
+    assert elapsed < 1.0
 
-    async def run() -> list[Flow]:
+
+def test_an_idle_gate_answers_at_once() -> None:
+    async def go() -> tuple[int, int]:
         loop = asyncio.get_running_loop()
-        gate = RefusalGate(per_turn=3)
-        flows = [Flow(turn) for _ in range(8)]
-        for flow in flows:
-            gate.hold(flow, loop)  # type: ignore[arg-type]
-            assert flow.read_paused
-        for turn[0] in range(1, 6):
-            await asyncio.sleep(0)  # one turn of the loop
-        return flows
+        gate = RefusalGate(per_second=10)
+        calls = []
+        gate.send(lambda: calls.append(1), loop)
+        immediate = len(calls)
+        await asyncio.sleep(0.15)  # longer than the interval: the next is due at once too
+        gate.send(lambda: calls.append(2), loop)
+        return immediate, len(calls)
 
-    flows = asyncio.run(run())
-    assert not any(flow.read_paused for flow in flows)
-    assert [flow.resumed_at_turn for flow in flows] == [1, 1, 1, 2, 2, 2, 3, 3]
+    assert asyncio.run(go()) == (1, 2)
+
+
+def test_a_gate_with_answers_waiting_does_not_spin_the_loop() -> None:
+    """Waiting answers cost no CPU: the loop sleeps until the next turn (timers of >= 1 ms; a shorter one
+    fires at once under libuv, and the loop would spin at 100%)."""
+    cpu_started, wall_started = time.process_time(), time.monotonic()
+    uvloop.run(answer_times(RefusalGate(per_second=4000), 800))  # 200 ms of turns
+    cpu, wall = time.process_time() - cpu_started, time.monotonic() - wall_started
+    assert wall >= 0.19
+    assert cpu < 0.5 * wall, f"{cpu * 1000:.0f} ms of CPU in {wall * 1000:.0f} ms"
+
+
+def test_the_rate_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="> 0"):
+        RefusalGate(per_second=0)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from server.requestid import incoming_id
+from server.requestid import incoming_id, new_id
 from server.testing import REPO_ROOT, ServerProcess
 
 CATS = REPO_ROOT.parent / "shared" / "data" / "images" / "cats_and_dogs.jpg"
@@ -125,3 +125,14 @@ def test_incoming_id_rules(given: str, kept: bool) -> None:
     scope = {"type": "http", "headers": [(b"x-request-id", given.encode())]}
     assert (incoming_id(scope) == given) is kept
     assert GENERATED.fullmatch(incoming_id({"type": "http", "headers": []}))
+
+
+def test_generated_ids_are_distinct_across_refills_and_threads() -> None:
+    """new_id draws its randomness 256 ids at a time: ids stay 32 hex digits and distinct across refills, also
+    when threads (the gRPC front end's) draw at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        ids = [i for chunk in pool.map(lambda _: [new_id() for _ in range(2500)], range(4)) for i in chunk]
+    assert len(set(ids)) == len(ids) == 10_000
+    assert all(GENERATED.fullmatch(i) for i in ids)

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from server.__main__ import build_parser, load_settings, main
-from server.settings import DEFAULT_MODEL_PATH, Settings
+from server.settings import DEFAULT_MODEL_PATH, REFUSALS_PER_S_PER_CORE, Settings
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +29,14 @@ def test_defaults() -> None:
     assert s.max_body_bytes == 20 * 1024 * 1024 and s.max_image_pixels == 40_000_000
     assert s.weights_mirror is None and s.log_level == "info"
     assert s.effective_decode_workers >= 1
+    assert s.effective_refusal_rate == REFUSALS_PER_S_PER_CORE * (os.cpu_count() or 1)
+
+
+def test_the_refusal_rate_can_be_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings(refusal_rate=750).effective_refusal_rate == 750
+    monkeypatch.setenv("SSD_REFUSAL_RATE", "1200")
+    assert load_settings([]).effective_refusal_rate == 1200
+    assert load_settings(["--refusal-rate", "300"]).effective_refusal_rate == 300
 
 
 def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,6 +104,7 @@ def test_a_tensorrt_engine_file_picks_the_tensorrt_engine_on_cuda() -> None:
         {"fp16": True},  # on the CPU: refused, not quietly ignored
         {"fp16": True, "device": "cuda", "engine": "onnxruntime"},
         {"log_level": "loud"},
+        {"refusal_rate": -1},
         {"unknown_setting": 1},
     ],
 )
