@@ -143,7 +143,9 @@ def create_app(
     )
     app.state.settings, app.state.metrics, app.state.pipeline = settings, metrics, pipeline
     app.state.models = models
-    app.state.answer_at_arrival = arrival_refusals(models, metrics, settings.access_log)  # for server.connections
+    app.state.answer_at_arrival = arrival_refusals(  # for server.connections
+        models, metrics, settings.access_log, browser.early_cors_headers(settings.cors_origins)
+    )
     install_error_handlers(app, on_reject=metrics.reject)
     app.add_middleware(uploads.BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.reject)
     app.add_middleware(connections.RequestGuard, on_reject=metrics.reject)  # client gone: 499, work cancelled
@@ -345,14 +347,16 @@ def is_admitted(path: str) -> bool:
 
 
 def arrival_refusals(
-    models: ModelRegistry, metrics: Metrics, access_log: bool
+    models: ModelRegistry,
+    metrics: Metrics,
+    access_log: bool,
+    cors_headers: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]],
 ) -> Callable[[Scope], connections.EarlyResponse | None]:
     """Admission at arrival for uvicorn's protocol (server.connections), from a request's headers: None for a
     request admitted (its ticket goes into the scope, for AdmissionMiddleware) or not admitted at all (paths
-    other than the detection endpoints), else the refusal to answer with: the 503
-    AdmissionMiddleware would give, with what the stack around it adds (request id, metrics, access log), sent
-    before any ASGI work: no task, no middleware, no request cycle (BENCHMARKS.md section 3, `refusal_cost`, for
-    what a refusal costs)."""
+    other than the detection endpoints), else the refusal to answer with: the 503 AdmissionMiddleware would give,
+    with what the stack around it adds (request id, metrics, access log, CORS), sent before any ASGI work: no
+    task, no middleware, no request cycle (BENCHMARKS.md section 3, `refusal_cost`, for what a refusal costs)."""
 
     def refuse(scope: Scope) -> connections.EarlyResponse | None:
         path = scope["path"]
@@ -370,6 +374,7 @@ def arrival_refusals(
             (b"content-type", b"application/json"),
             (b"retry-after", b"%d" % refusal.retry_after_s),
             (requestid.HEADER_KEY, request_id.encode()),
+            *cors_headers(scope["headers"]),
         ]
         elapsed = time.perf_counter() - started
         metrics.count_request(endpoint_of(path), refusal.status, elapsed)

@@ -10,14 +10,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from server.requestid import HEADER
 
@@ -56,12 +59,47 @@ def install(app: FastAPI, cors: str) -> None:
             swagger_ui_parameters={"validatorUrl": None},  # the online validator badge would call out
         )
 
+    options = cors_options(cors)
+    if options is not None:
+        app.add_middleware(CORSMiddleware, **options)
+
+
+def cors_options(cors: str) -> dict[str, Any] | None:
+    """CORSMiddleware's options for the `cors_origins` setting; None: CORS off."""
     origins = cors_origins(cors)
-    if origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["*"],
-            expose_headers=[HEADER],
-        )
+    if not origins:
+        return None
+    return {
+        "allow_origins": origins,
+        "allow_methods": ["GET", "POST"],
+        "allow_headers": ["*"],
+        "expose_headers": [HEADER],
+    }
+
+
+def early_cors_headers(cors: str) -> Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]:
+    """request headers -> the CORS headers CORSMiddleware would add to a response to them, for the responses
+    sent before any middleware runs (the 503s of admission at arrival, server.app.arrival_refusals): without
+    them a browser reports a CORS failure instead of the 503. The rules are the middleware's own (Starlette's
+    `CORSMiddleware.send`), read off an instance made with the same options."""
+    options = cors_options(cors)
+    if options is None:
+        return lambda request_headers: []
+    rules = CORSMiddleware(app=_never_called, **options)
+
+    def headers(request_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        origin = next((value.decode("latin-1") for name, value in request_headers if name == b"origin"), None)
+        added: dict[str, str] = {}
+        if origin is not None:
+            added.update(rules.simple_headers)
+            explicit = rules.allow_credentials if rules.allow_all_origins else rules.is_allowed_origin(origin=origin)
+            if explicit:
+                added["Access-Control-Allow-Origin"] = origin
+        added["Vary"] = "Origin"
+        return [(name.lower().encode(), value.encode("latin-1")) for name, value in added.items()]
+
+    return headers
+
+
+async def _never_called(scope: Scope, receive: Receive, send: Send) -> None:
+    raise AssertionError("early_cors_headers' CORSMiddleware only lends its rules")

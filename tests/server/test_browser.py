@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import io
 import os
+import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -282,3 +284,24 @@ def test_cors_origins_setting() -> None:
     settings = load_settings(["--cors-origins", "http://a.example, https://b.example:8443,"])
     assert cors_origins(settings.cors_origins) == ["http://a.example", "https://b.example:8443"]
     assert cors_origins(load_settings([]).cors_origins) == []
+
+
+def test_a_503_at_arrival_carries_the_cors_headers(server_factory: Callable[..., ServerProcess]) -> None:
+    """Refused by the server's protocol, before any middleware runs, the 503 still carries what CORSMiddleware
+    would add, so a browser sees the 503 and its Retry-After instead of a CORS failure."""
+    srv = server_factory({"cors_origins": "http://app.example", "warmup": False, "max_in_flight": 1})
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as holder, httpx.Client(base_url=srv.url) as client:
+        holder.sendall(b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 999\r\n\r\n")
+        deadline = time.monotonic() + 10
+        while "ssd_images_in_flight 1.0" not in client.get("/metrics").text:  # the one slot held
+            assert time.monotonic() < deadline, "the holder was not admitted"
+            time.sleep(0.05)
+        image = {"content-type": "image/jpeg"}
+        allowed = client.post("/detect", content=b"x" * 100, headers={**image, "Origin": "http://app.example"})
+        other = client.post("/detect", content=b"x" * 100, headers={**image, "Origin": "http://evil.example"})
+    assert allowed.status_code == 503 and allowed.json()["error"] == "overloaded"
+    assert allowed.headers["access-control-allow-origin"] == "http://app.example"
+    assert "x-request-id" in allowed.headers["access-control-expose-headers"].lower()
+    assert allowed.headers["vary"] == "Origin"
+    assert other.status_code == 503 and "access-control-allow-origin" not in other.headers
