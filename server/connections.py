@@ -336,10 +336,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self.transport.is_closing():  # the client left while it waited
                 return
             self.transport.write(payload)
-            if keep_alive:
-                self.on_response_complete()  # uvicorn's: counted, and the connection waits for its next request
-            else:
+            if not keep_alive:
                 self.transport.close()
+            self.on_response_complete()  # uvicorn's: counted, and a kept-alive connection waits for its next request
 
         self._pending_answer = answer
         self.refusal_gate.send(answer, self.loop)
