@@ -179,6 +179,37 @@ def test_pipelined_requests_refused_at_arrival_are_answered_in_order(guarded: Se
         assert reply.startswith("503") and f'"request_id":"pipe-{i}"' in reply, reply
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "closes"),
+    [
+        pytest.param(
+            head(extra="Transfer-Encoding: chunked\r\n") + b"%x\r\n%s\r\n0\r\n\r\n" % (len(JPEG), JPEG),
+            False,
+            id="chunked",
+        ),
+        pytest.param(head(length=len(JPEG)).replace(b"HTTP/1.1", b"HTTP/1.0") + JPEG, True, id="http-1.0"),
+        pytest.param(head(length=len(JPEG), extra="Connection: close\r\n") + JPEG, True, id="connection-close"),
+        pytest.param(head(path="/detect?timeout_ms=900", length=len(JPEG)) + JPEG, False, id="query"),
+        pytest.param(head(path="/%64etect", length=len(JPEG)) + JPEG, False, id="percent-encoded"),  # uvicorn's way
+        pytest.param(head(path="http://x/detect", length=len(JPEG)) + JPEG, False, id="absolute-form"),  # uvicorn's way
+        pytest.param(head(length=len(JPEG)) + JPEG[:1000], False, id="body-still-coming"),
+    ],
+)
+def test_every_form_of_request_is_refused_whole(guarded: ServerProcess, request_bytes: bytes, closes: bool) -> None:
+    """Refused from its headers in the protocol, or (what it leaves to uvicorn) by AdmissionMiddleware: the same
+    JSON 503, and the connection closed exactly when the request asks for it."""
+    with both_slots_held(guarded), connect(guarded, timeout_s=10) as sock:
+        sock.sendall(request_bytes)
+        reply = read_response(sock)
+        sock.settimeout(0.3)
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+    assert reply.startswith("HTTP/1.1 503") and '"error":"overloaded"' in reply.replace(" ", ""), reply
+    assert closed is closes, reply
+
+
 def test_refusals_are_answered_at_the_refusal_rate(server_factory: Callable[..., ServerProcess]) -> None:
     """Clients that resend the moment they are refused get their 503s at `refusal_rate` a second in all, each
     waiting its turn, while a request that can be admitted is not held back by them."""
