@@ -146,19 +146,21 @@ class Admission:
 
     def acquire(self, timeout_ms: float | None = None) -> Ticket:
         """`admit` without the context manager: the caller must `release()` the ticket."""
-        self.arrivals += 1
-        self._take(1, alone_ok=False)
-        return Ticket(self, self.timeout_for(timeout_ms))
+        outcome = self.acquire_or_refusal(timeout_ms)
+        if isinstance(outcome, Overloaded):
+            raise outcome
+        return outcome
 
-    def acquire_or_refusal(self) -> Ticket | Overloaded:
+    def acquire_or_refusal(self, timeout_ms: float | None = None) -> Ticket | Overloaded:
         """`acquire` for a front end that answers refusals itself: the ticket, or the Overloaded that `acquire`
-        would raise (counted as an arrival either way), without raising it."""
+        raises (counted as an arrival either way), without raising it."""
+        timeout_s = self.timeout_for(timeout_ms)  # a bad timeout_ms is refused before a slot is taken
         self.arrivals += 1
         bound = self.bound()
         if self.in_flight >= bound:
             return self._overloaded(bound)
         self.in_flight += 1
-        return Ticket(self, self.timeout_s)
+        return Ticket(self, timeout_s)
 
     def bound(self) -> int:
         """The images that may be in flight now: `limit`, or what the engines finish in DEADLINE_SHARE of the

@@ -107,7 +107,7 @@ class RefusalGate:
             return
         self._waiting.append((turn, answer))
         if self._timer is None:
-            self._timer = loop.call_at(max(turn, now + self.TICK_S), self._release, loop)
+            self._wake_for_next(loop, now)
 
     def _release(self, loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
@@ -115,7 +115,10 @@ class RefusalGate:
             self._waiting.popleft()[1]()
         self._timer = None
         if self._waiting:
-            self._timer = loop.call_at(max(self._waiting[0][0], now + self.TICK_S), self._release, loop)
+            self._wake_for_next(loop, now)
+
+    def _wake_for_next(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        self._timer = loop.call_at(max(self._waiting[0][0], now + self.TICK_S), self._release, loop)
 
 
 # ------------------------------------------------------------------------------------------ ASGI middleware
