@@ -51,9 +51,9 @@ GPU_PY ?= python3
 gpu-check:
 	$(GPU_PY) scripts/gpu_check.py
 
-# Where there is network: the pure-Python wheels gpu-check installs on an offline GPU host (into .venv-gpu, which
-# sees the host's torch). Copy wheels/ with the tree; GPU_PY should be the GPU host's Python version.
-GPU_WHEEL_PACKAGES := fastapi "uvicorn[standard]" pydantic pydantic-settings python-multipart pillow \
-	prometheus-client orjson onnx tflite httpx pytest opencv-python-headless pyyaml simplejpeg
+# Where there is network: the wheels gpu-check installs, at the versions CI tests, when an offline GPU host lacks one
+# of its requirements (into .venv-gpu, which also sees the host's packages). Run it with the GPU host's Python version
+# and copy wheels/ with the tree; wheels of what the host already has may be deleted to save room.
 gpu-wheels:
-	$(GPU_PY) -m pip download -q --only-binary=:all: -d wheels $(GPU_WHEEL_PACKAGES)
+	$(GPU_PY) scripts/gpu_check.py --requirements | \
+	    xargs -d '\n' $(GPU_PY) -m pip download -q --only-binary=:all: -c $(CONSTRAINTS) -d wheels

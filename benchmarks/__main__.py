@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--endpoint", choices=("detect", "batch"), default="detect")
     http.add_argument("--images-per-request", type=int, default=1, help="/detect/batch: images per request")
     http.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
+    http.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                      help="the client's event loop (auto: uvloop where installed; the JSON says which ran)")
 
     eng = p.add_argument_group("engine only")
     eng.add_argument("--model", type=Path, help="exported model (default weights/ssd_mobilenet_v1_coco.onnx)")
@@ -93,7 +95,7 @@ def _main_http(args: argparse.Namespace) -> int:
     config = LoadConfig(
         url=args.url, mode=args.mode, concurrency=concurrency, rate=args.rate, duration_s=args.duration,
         warmup_s=args.warmup, endpoint=args.endpoint, images_per_request=args.images_per_request, seed=args.seed,
-        late_threshold_ms=args.late_ms, timeout_s=args.timeout,
+        late_threshold_ms=args.late_ms, timeout_s=args.timeout, loop=args.loop,
     )
     try:
         config.validate()

@@ -16,12 +16,13 @@ Server-side means (batch size, queue wait, inference time) come from /metrics de
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import json
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -41,6 +42,7 @@ from benchmarks.stats import LatencySummary, summarize_latencies
 
 Mode = Literal["closed", "open"]
 Endpoint = Literal["detect", "batch"]
+Loop = Literal["auto", "uvloop", "asyncio"]
 MAX_SCHEDULED_REQUESTS = 1_000_000
 
 
@@ -58,6 +60,7 @@ class LoadConfig:
     seed: int = 0
     late_threshold_ms: float = 5.0
     timeout_s: float = 30.0
+    loop: Loop = "auto"  # the client's event loop; auto: uvloop where installed (run_load says which ran)
 
     def validate(self) -> None:
         check_loopback(self.url)
@@ -73,6 +76,8 @@ class LoadConfig:
             raise ValueError("/detect takes one image per request; use --endpoint batch for more")
         if self.images_per_request < 1:
             raise ValueError("images per request must be >= 1")
+        if self.loop not in ("auto", "uvloop", "asyncio"):
+            raise ValueError("loop must be auto, uvloop or asyncio")
 
 
 @dataclass(frozen=True)
@@ -336,5 +341,15 @@ async def run_load_async(config: LoadConfig, inputs: InputSet) -> RunResult:
 
 
 def run_load(config: LoadConfig, inputs: InputSet) -> RunResult:
-    """Blocking wrapper: one fresh event loop per run."""
-    return asyncio.run(run_load_async(config, inputs))
+    """Blocking wrapper: one fresh event loop per run; its `config.loop` says which. uvloop by default where it is
+    installed (uvicorn[standard] brings it): on Python 3.12's own loop, whose transports send a request's head and
+    body with sendmsg, a request cost ~20x more client CPU (BENCHMARKS.md section 4)."""
+    loop = config.loop
+    if loop == "auto":
+        loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    config = replace(config, loop=loop)
+    if loop == "asyncio":
+        return asyncio.run(run_load_async(config, inputs))
+    import uvloop
+
+    return uvloop.run(run_load_async(config, inputs))

@@ -2,8 +2,9 @@
 
 Reports images/s (all clients together), p50 and p99 (the median of the clients' p50s, the worst of their p99s),
 mean batch size, GPU utilisation (nvidia-smi sampled every 200 ms during the measured run) and the server process's
-CPU use (cores, from /proc), so the table says what limited the run: the GPU, the server's one event loop (about
-one core), or the clients.
+CPU use (cores, from /proc; its event loop's thread apart), so the table says what limited the run: the GPU, the
+server's one event loop (near 1.0 core), or the clients. `/detect/batch` loads send several images per request, so
+the HTTP cost per image is shared.
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
-CLIENT_PROCESSES = 4
-CONNECTIONS_PER_CLIENT = 64
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # benchmarks.server_proc; gpu_check.py runs with scripts/ on the path, not the repo
 SERVER_SETTINGS = {"max_batch_size": 64, "max_queue_delay_ms": 2, "max_queue_size": 2048,
                    "request_timeout_ms": 30000}
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+def _cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """utime + stime of a process, or of one of its threads (the event loop's is the process id)."""
+    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _gpu_sampler() -> subprocess.Popen[str] | None:
@@ -46,29 +50,54 @@ def _gpu_utilisation(sampler: subprocess.Popen[str] | None) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def run_e2e(model: Path, settings: dict[str, object], seconds: float, env: dict[str, str],
-            out: Path) -> tuple[str, bool]:
+@dataclass(frozen=True)
+class Load:
+    """One measured run against the server: `processes` ssd-bench clients of `connections` each."""
+
+    label: str
+    processes: int
+    connections: int
+    images_per_request: int = 1  # > 1: /detect/batch
+
+    def arguments(self) -> list[str]:
+        if self.images_per_request == 1:
+            return ["--concurrency", str(self.connections)]
+        return ["--concurrency", str(self.connections), "--endpoint", "batch", "--images-per-request",
+                str(self.images_per_request)]
+
+
+def run_e2e(model: Path, settings: dict[str, object], loads: list[Load], seconds: float, env: dict[str, str],
+            out: Path) -> list[tuple[Load, str, bool]]:
+    """One server, each load in turn against it: (load, detail, passed) for each."""
     from benchmarks.server_proc import running_server
 
     os.environ.update({k: v for k, v in env.items() if k.startswith(("SSD_", "PYTHONPATH"))})
     with running_server({**SERVER_SETTINGS, **settings}, model=model, ready_timeout_s=240.0) as server:
-        jsons = [out / f"e2e-{model.stem}-{i}.json" for i in range(CLIENT_PROCESSES)]
-        command = [sys.executable, "-m", "benchmarks", "--url", server.url, "--concurrency",
-                   str(CONNECTIONS_PER_CLIENT), "--duration", str(seconds), "--warmup", "3"]
-        sampler_start = time.monotonic() + 3.0  # after the clients' warm-up
-        clients = [subprocess.Popen([*command, "--json", str(path)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True) for path in jsons]
-        time.sleep(max(0.0, sampler_start - time.monotonic()))
-        cpu_before, wall_before = _cpu_seconds(server.pid), time.monotonic()
-        sampler = _gpu_sampler()
-        time.sleep(seconds)
-        utilisation = _gpu_utilisation(sampler)
-        server_cores = (_cpu_seconds(server.pid) - cpu_before) / (time.monotonic() - wall_before)
-        errors = []
-        for client in clients:
-            _, stderr = client.communicate(timeout=seconds + 60)
-            if client.returncode != 0:
-                errors.append(stderr.strip().splitlines()[-1:] or ["?"])
+        return [(load, *_measure(server, load, model, seconds, env, out)) for load in loads]
+
+
+def _measure(server, load: Load, model: Path, seconds: float, env: dict[str, str],  # noqa: ANN001
+             out: Path) -> tuple[str, bool]:
+    jsons = [out / f"e2e-{model.stem}-{load.images_per_request}x-{i}.json" for i in range(load.processes)]
+    command = [sys.executable, "-m", "benchmarks", "--url", server.url, *load.arguments(), "--duration", str(seconds),
+               "--warmup", "3"]
+    sampler_start = time.monotonic() + 3.0  # after the clients' warm-up
+    benches = [subprocess.Popen([*command, "--json", str(path)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for path in jsons]
+    time.sleep(max(0.0, sampler_start - time.monotonic()))
+    cpu_before, loop_before = _cpu_seconds(server.pid), _cpu_seconds(server.pid, server.pid)
+    wall_before = time.monotonic()
+    sampler = _gpu_sampler()
+    time.sleep(seconds)
+    utilisation = _gpu_utilisation(sampler)
+    wall = time.monotonic() - wall_before
+    server_cores = (_cpu_seconds(server.pid) - cpu_before) / wall
+    loop_cores = (_cpu_seconds(server.pid, server.pid) - loop_before) / wall
+    errors = []
+    for bench in benches:
+        _, stderr = bench.communicate(timeout=seconds + 60)
+        if bench.returncode != 0:
+            errors.append(stderr.strip().splitlines()[-1:] or ["?"])
     runs = [json.loads(path.read_text())["run"] for path in jsons if path.is_file()]
     if not runs:
         return f"no client finished: {errors[:1]}", False
@@ -79,7 +108,7 @@ def run_e2e(model: Path, settings: dict[str, object], seconds: float, env: dict[
     client_cpu = sum(r["client_cpu_fraction"] for r in runs)
     batch = median((r.get("server") or {}).get("mean_batch_size") or 0 for r in runs)
     gpu = f"{utilisation:.0f}%" if utilisation is not None else "n/a (no nvidia-smi)"
-    detail = (f"{images:.0f} img/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms, {failed} errors; GPU {gpu}, server "
-              f"{server_cores:.2f} cores, clients {client_cpu:.2f} cores, mean batch {batch:.1f} "
-              f"({CLIENT_PROCESSES}x{CONNECTIONS_PER_CLIENT} connections)")
+    detail = (f"{images:.0f} img/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms (per request), {failed} errors; GPU {gpu}, "
+              f"server {server_cores:.2f} cores (event loop {loop_cores:.2f}), clients {client_cpu:.2f} cores, "
+              f"mean batch {batch:.1f} ({load.processes}x{load.connections} connections)")
     return detail, failed == 0 and not errors

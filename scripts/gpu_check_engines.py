@@ -157,6 +157,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--photos", type=Path, required=True)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: gpu-check's rehearsal (torch fp32 on the CPU against ONNX Runtime)")
     parser.add_argument("models", nargs="+", help="NAME=PATH")
     args = parser.parse_args()
     models = dict(item.split("=", 1) for item in args.models)
@@ -174,11 +176,12 @@ def main() -> int:
         cpu_images = np.stack([preprocess(data, metadata.input_size).pixels for data in files])
         reference = run_batched(reference_engine, cpu_images)
         reference_engine.close()
-        cuda = EngineOptions(device="cuda", max_batch_size=64)
+        cuda = EngineOptions(device=args.device, max_batch_size=64)
         fp16 = EngineOptions(device="cuda", fp16=True, max_batch_size=64)
-        plan = [(f"{name} torch cuda fp32", "torch", path, cuda, False),
-                (f"{name} torch cuda fp16", "torch", path, fp16, True)]
-        if ort_cuda:
+        plan = [(f"{name} torch {args.device} fp32", "torch", path, cuda, False)]
+        if args.device == "cuda":
+            plan.append((f"{name} torch cuda fp16", "torch", path, fp16, True))
+        if ort_cuda and args.device == "cuda":
             plan.insert(0, (f"{name} onnxruntime cuda", "onnxruntime", path, cuda, False))
         for precision in ("fp32", "fp16"):
             engine_path = models.get(f"{name}.{precision}.engine")

@@ -237,3 +237,19 @@ def test_a_response_later_than_the_timeout_is_a_timeout_error_and_the_connection
 
     waited, after = run(go())
     assert 0.09 <= waited < 0.5 and after.status == 200
+
+
+def test_run_load_runs_on_uvloop_unless_asked_otherwise(monkeypatch):
+    """ssd-bench's loop is uvloop's where installed: on Python 3.12's own loop, whose transports write through
+    sendmsg, a request took ~20x more client CPU (BENCHMARKS.md section 4), and the clients capped a GPU server."""
+    import benchmarks.loadgen as loadgen
+
+    async def loop_used(config, inputs):
+        return config.loop, type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    monkeypatch.setattr(loadgen, "run_load_async", loop_used)
+    url = "http://127.0.0.1:1"
+    assert loadgen.run_load(LoadConfig(url=url), INPUTS) == ("uvloop", "uvloop")
+    assert loadgen.run_load(LoadConfig(url=url, loop="asyncio"), INPUTS) == ("asyncio", "asyncio")
+    with pytest.raises(ValueError, match="loop must be"):
+        LoadConfig(url=url, loop="tokio").validate()
