@@ -45,7 +45,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 1
 def load_run_table(runs: Sequence[dict[str, Any]], label_key: str | None = None) -> str:
     """One row per HTTP run (dicts as produced by RunResult.as_dict, optionally with a `label`)."""
     headers = ["run", "mode", "conc", "req/s", "img/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors",
-               "srv batch", "srv queue ms", "client cpu %"]
+               "srv batch", "srv queue ms", "srv loop cpu %", "client cpu %"]
     rows = []
     for run in runs:
         cfg, lat, srv = run["config"], run["latency"], run.get("server") or {}
@@ -54,7 +54,8 @@ def load_run_table(runs: Sequence[dict[str, Any]], label_key: str | None = None)
         rows.append([
             run.get(label_key or "label", run["inputs"]["name"]), mode, cfg["concurrency"],
             run["requests_per_s"], run["images_per_s"], lat["p50_ms"], lat["p90_ms"], lat["p99_ms"], lat["max_ms"],
-            errors, srv.get("mean_batch_size"), srv.get("mean_queue_wait_ms"), 100.0 * run["client_cpu_fraction"],
+            errors, srv.get("mean_batch_size"), srv.get("mean_queue_wait_ms"),
+            _event_loop_percent(srv, run), 100.0 * run["client_cpu_fraction"],
         ])
     out = table(headers, rows)
     for run in runs:
@@ -68,6 +69,12 @@ def load_run_table(runs: Sequence[dict[str, Any]], label_key: str | None = None)
         for note in run.get("notes", []):
             out += f"\nnote: {note}"
     return out
+
+
+def _event_loop_percent(server: dict[str, Any], run: dict[str, Any]) -> float | None:
+    """The server's event loop thread's CPU over the run, in % of one core (None where the run has no figure)."""
+    seconds, elapsed = server.get("event_loop_cpu_s"), run.get("elapsed_s")
+    return 100.0 * seconds / elapsed if seconds is not None and elapsed else None
 
 
 def engine_table(results: Sequence[dict[str, Any]]) -> str:

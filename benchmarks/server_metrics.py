@@ -14,6 +14,7 @@ INFERENCE = "ssd_inference_duration_seconds"
 DECODE = "ssd_decode_duration_seconds"
 IMAGES = "ssd_images_processed_total"
 REQUEST_DURATION = "ssd_request_duration_seconds"
+EVENT_LOOP_CPU = "ssd_event_loop_cpu_seconds_total"
 DETECT_ENDPOINTS = frozenset({"/detect", "/detect/batch", "/v2/infer"})  # /v2/infer: every model's v2 infer
 
 
@@ -46,6 +47,7 @@ class ServerStats:
     mean_decode_ms: float  # per image
     images_processed: float
     mean_request_duration_ms: float  # /detect, /detect/batch and v2 infer, as the server sees them
+    event_loop_cpu_s: float = math.nan  # CPU seconds of the server's event-loop thread (1.0 a second: saturated)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -74,4 +76,5 @@ def server_stats(before: dict[str, float], after: dict[str, float]) -> ServerSta
         mean_decode_ms=_mean(before, after, DECODE, 1000.0),
         images_processed=_delta(before, after, IMAGES),
         mean_request_duration_ms=_mean(before, after, REQUEST_DURATION, 1000.0),
+        event_loop_cpu_s=_delta(before, after, EVENT_LOOP_CPU),
     )

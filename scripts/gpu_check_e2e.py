@@ -2,7 +2,7 @@
 
 Reports images/s (all clients together), p50 and p99 (the median of the clients' p50s, the worst of their p99s),
 mean batch size, GPU utilisation (nvidia-smi sampled every 200 ms during the measured run) and the server process's
-CPU use (cores, from /proc; its event loop's thread apart), so the table says what limited the run: the GPU, the
+CPU use (cores, from /proc; its event loop's from ssd_event_loop_cpu_seconds_total), so the table says what limited the run: the GPU, the
 server's one event loop (near 1.0 core), or the clients. `/detect/batch` loads send several images per request, so
 the HTTP cost per image is shared.
 """
@@ -25,10 +25,8 @@ SERVER_SETTINGS = {"max_batch_size": 64, "max_queue_delay_ms": 2, "max_queue_siz
                    "request_timeout_ms": 30000}
 
 
-def _cpu_seconds(pid: int, thread: int | None = None) -> float:
-    """utime + stime of a process, or of one of its threads (the event loop's is the process id)."""
-    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -85,14 +83,11 @@ def _measure(server, load: Load, model: Path, seconds: float, env: dict[str, str
     benches = [subprocess.Popen([*command, "--json", str(path)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True) for path in jsons]
     time.sleep(max(0.0, sampler_start - time.monotonic()))
-    cpu_before, loop_before = _cpu_seconds(server.pid), _cpu_seconds(server.pid, server.pid)
-    wall_before = time.monotonic()
+    cpu_before, wall_before = _cpu_seconds(server.pid), time.monotonic()
     sampler = _gpu_sampler()
     time.sleep(seconds)
     utilisation = _gpu_utilisation(sampler)
-    wall = time.monotonic() - wall_before
-    server_cores = (_cpu_seconds(server.pid) - cpu_before) / wall
-    loop_cores = (_cpu_seconds(server.pid, server.pid) - loop_before) / wall
+    server_cores = (_cpu_seconds(server.pid) - cpu_before) / (time.monotonic() - wall_before)
     errors = []
     for bench in benches:
         _, stderr = bench.communicate(timeout=seconds + 60)
@@ -107,6 +102,7 @@ def _measure(server, load: Load, model: Path, seconds: float, env: dict[str, str
     failed = sum(sum(r["errors"].values()) for r in runs)
     client_cpu = sum(r["client_cpu_fraction"] for r in runs)
     batch = median((r.get("server") or {}).get("mean_batch_size") or 0 for r in runs)
+    loop_cores = median((r.get("server") or {}).get("event_loop_cpu_s", 0.0) / r["elapsed_s"] for r in runs)
     gpu = f"{utilisation:.0f}%" if utilisation is not None else "n/a (no nvidia-smi)"
     detail = (f"{images:.0f} img/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms (per request), {failed} errors; GPU {gpu}, "
               f"server {server_cores:.2f} cores (event loop {loop_cores:.2f}), clients {client_cpu:.2f} cores, "

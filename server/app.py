@@ -109,6 +109,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics.event_loop_cpu.watch_current_thread()  # the lifespan runs on the event loop's thread
+
         async def load() -> None:
             await models.start()
             if models.status == "failed" and on_load_failure is not None:

@@ -5,12 +5,16 @@ The names are a contract with docker/prometheus and docker/grafana: do not renam
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 # 100 us .. 10 s
 TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -43,9 +47,41 @@ class ThroughputWindow:
             self._events.popleft()
 
 
+class EventLoopCpu:
+    """ssd_event_loop_cpu_seconds_total: CPU time of the thread that runs the server's event loop (HTTP parsing,
+    routing, JSON), read from /proc at each scrape. Its rate near 1.0 means the loop is saturated: this process
+    answers no faster whatever the engine does, and more replicas are the way to more throughput. Absent until
+    `watch_current_thread` runs (the app's lifespan) and where /proc is not (non-Linux)."""
+
+    NAME = "ssd_event_loop_cpu_seconds"
+    HELP = "CPU seconds used by the thread running the event loop (HTTP, routing, JSON); rate 1.0: saturated"
+
+    def __init__(self) -> None:
+        self._stat: Path | None = None
+
+    def watch_current_thread(self) -> None:
+        stat = Path(f"/proc/self/task/{threading.get_native_id()}/stat")
+        self._stat = stat if stat.exists() else None
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.NAME, self.HELP)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        if self._stat is None:
+            return
+        try:
+            fields = self._stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
+        yield CounterMetricFamily(self.NAME, self.HELP, value=seconds)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.event_loop_cpu = EventLoopCpu()
+        registry.register(self.event_loop_cpu)
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._reject_children: dict[str, Any] = {}
         self.requests = Counter(

@@ -51,6 +51,8 @@ class Stub:
                         f"ssd_queue_wait_seconds_sum {0.001 * self.posts}\nssd_queue_wait_seconds_count {self.posts}\n"
                         "# TYPE ssd_images_processed_total counter\n"
                         f"ssd_images_processed_total {self.posts}\n"
+                        "# TYPE ssd_event_loop_cpu_seconds counter\n"
+                        f"ssd_event_loop_cpu_seconds_total {0.0001 * self.posts}\n"
                     ).encode()
                 out = f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
                 if close:
@@ -95,11 +97,12 @@ def test_closed_loop_report_against_stub():
     assert result.images_per_s == pytest.approx(result.requests_per_s)
     assert result.server is not None and result.server.mean_batch_size == pytest.approx(2.0)
     assert result.server.mean_queue_wait_ms == pytest.approx(1.0)
+    assert result.server.event_loop_cpu_s == pytest.approx(0.0001 * result.server.images_processed)
     # the body is the raw JPEG with an image content type, cycling through the inputs
     assert {b for _, _, b in stub.bodies} == set(INPUTS.images)
     assert {(p, t) for p, t, _ in stub.bodies} == {("/detect", "image/jpeg")}
     text = load_run_table([result.as_dict()])
-    assert "req/s" in text and "p99 ms" in text
+    assert "req/s" in text and "p99 ms" in text and "srv loop cpu %" in text
     json.loads(to_json(result.as_dict()))
 
 

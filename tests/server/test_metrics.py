@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import BATCH_BUCKETS, TIME_BUCKETS, Metrics, ThroughputWindow
+from server.metrics import BATCH_BUCKETS, TIME_BUCKETS, EventLoopCpu, Metrics, ThroughputWindow
 
 EXPECTED = {
     "ssd_requests": "counter",
@@ -21,6 +24,16 @@ EXPECTED = {
     "ssd_rejected_requests": "counter",
     "ssd_model_info": "gauge",
 }
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def _cpu(collector: EventLoopCpu) -> float:
+    return next(iter(collector.collect())).samples[0].value
 
 
 def test_every_metric_is_exposed_with_its_type() -> None:
@@ -102,3 +115,35 @@ def test_each_model_has_its_own_series() -> None:
     )
     assert sample("ssd_model_info", {"model": "first", "engine": "onnxruntime", "input_size": "300x300"}) == 1
     assert sample("ssd_model_info", {"model": "second", "engine": "onnxruntime", "input_size": "320x320"}) == 1
+
+
+def test_event_loop_cpu_counts_the_watched_thread_alone() -> None:
+    collector = EventLoopCpu()
+    assert list(collector.collect()) == []  # nothing before the lifespan names the thread
+    burned, release = threading.Event(), threading.Event()
+
+    def loop_thread() -> None:
+        collector.watch_current_thread()
+        _burn(0.3)
+        burned.set()
+        release.wait(10)  # alive while read: /proc/self/task/<id> goes with the thread
+
+    thread = threading.Thread(target=loop_thread)
+    thread.start()
+    try:
+        assert burned.wait(10)
+        seconds = _cpu(collector)
+        assert 0.25 <= seconds <= 0.6  # clock ticks: 10 ms steps
+        _burn(0.3)  # another thread's CPU is not counted
+        assert _cpu(collector) == seconds
+    finally:
+        release.set()
+        thread.join(10)
+
+
+def test_event_loop_cpu_is_exposed_as_a_counter() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.event_loop_cpu.watch_current_thread()
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
+    assert families["ssd_event_loop_cpu_seconds"].type == "counter"
+    assert families["ssd_event_loop_cpu_seconds"].samples[0].name == "ssd_event_loop_cpu_seconds_total"

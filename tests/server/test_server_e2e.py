@@ -330,6 +330,22 @@ def test_metrics_parse_and_count_what_was_sent(client: httpx.Client) -> None:
     )
 
 
+def test_the_event_loops_cpu_is_its_threads_alone(server: ServerProcess, client: httpx.Client) -> None:
+    """ssd_event_loop_cpu_seconds_total counts the event loop's thread: it grows with requests, and stays below the
+    process's CPU (decode and engine threads do the rest)."""
+
+    def process_cpu_s() -> float:
+        fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before, process_before = metric_samples(client), process_cpu_s()
+    for _ in range(40):
+        assert detect(client, JPEG).status_code == 200
+    after, process_after = metric_samples(client), process_cpu_s()
+    loop_s = value(after, "ssd_event_loop_cpu_seconds_total") - value(before, "ssd_event_loop_cpu_seconds_total")
+    assert 0 < loop_s < process_after - process_before
+
+
 def test_docs_are_served(client: httpx.Client) -> None:
     assert client.get("/docs").status_code == 200
     assert "DetectResponse" in client.get("/openapi.json").json()["components"]["schemas"]
