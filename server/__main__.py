@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.effective_refusal_rate,
             on_reject=app.state.metrics.reject,
             answer_at_arrival=app.state.answer_at_arrival,
+            cors_headers=app.state.cors_headers,
         ),
     )
 

@@ -145,9 +145,8 @@ def create_app(
     )
     app.state.settings, app.state.metrics, app.state.pipeline = settings, metrics, pipeline
     app.state.models = models
-    app.state.answer_at_arrival = arrival_refusals(  # for server.connections
-        models, metrics, settings.access_log, browser.early_cors_headers(settings.cors_origins)
-    )
+    app.state.cors_headers = browser.early_cors_headers(settings.cors_origins)  # for server.connections' answers
+    app.state.answer_at_arrival = arrival_refusals(models, metrics, settings.access_log, app.state.cors_headers)
     install_error_handlers(app, on_reject=metrics.reject)
     app.add_middleware(uploads.BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.reject)
     app.add_middleware(connections.RequestGuard, on_reject=metrics.reject)  # client gone: 499, work cancelled

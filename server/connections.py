@@ -27,7 +27,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from types import FrameType
 from typing import Any, NamedTuple
@@ -42,19 +42,24 @@ from server.errors import CLIENT_CLOSED, CLIENT_TIMEOUT, CLIENT_TIMEOUT_KEY
 logger = logging.getLogger("server.connections")
 
 
-def json_error_bytes(status: int, code: str, detail: str) -> bytes:
+Headers = list[tuple[bytes, bytes]]
+
+
+def json_error_bytes(status: int, code: str, detail: str, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
     """A whole HTTP/1.1 response with the JSON error shape that closes the connection (for the protocol layer)."""
     body = json.dumps({"error": code, "detail": detail}).encode()
     head = (
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    )
-    return head.encode() + body
+        f"content-length: {len(body)}\r\nconnection: close\r\n"
+    ).encode()
+    return head + b"".join(b"%s: %s\r\n" % pair for pair in extra_headers) + b"\r\n" + body
 
 
-async def _send_json(send: Send, status: int, code: str, detail: str, close: bool = False) -> None:
+async def _send_json(send: Send, status: int, code: str, detail: str, close: bool = False,
+                     extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps({"error": code, "detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *extra_headers]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -198,6 +203,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # (the ticket is in the scope) or not a request admission applies to
     answer_at_arrival: Callable[[Scope], EarlyResponse | None] | None = None
     refusal_gate: RefusalGate  # set by protocol_class
+    # request headers -> the CORS headers CORSMiddleware would add (server.browser.early_cors_headers), for the
+    # answers this protocol gives to requests whose headers it read (a slow body's 408, 431, 503 over the
+    # connection limit): a browser then sees the status, not a CORS failure
+    cors_headers: Callable[[Headers], Headers] = staticmethod(lambda request_headers: [])
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -281,9 +290,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if getattr(self, "_oversized", False):
             self._oversized = False
             logger.info("refusing a request: headers over %d bytes", self.max_header_bytes)
-            app = functools.partial(_headers_too_large, self.max_header_bytes)
+            app = functools.partial(_headers_too_large, self.max_header_bytes, self.cors_headers)
         elif app is service_unavailable:
-            app = _over_connection_limit
+            app = functools.partial(_over_connection_limit, self.cors_headers)
         super()._start_asgi_task(cycle, app)
 
     def _refused_at_arrival(self) -> bool:
@@ -374,22 +383,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             cycle.disconnected = True  # nothing the app sends from now on reaches the socket
             cycle.message_event.set()
         detail = f"the request did not arrive within {self.client_timeout_s:g} s"
-        self._refuse(CLIENT_TIMEOUT, "client_timeout", detail, "client_timeout" if cycle is None else None)
+        if cycle is None:
+            self._refuse(CLIENT_TIMEOUT, "client_timeout", detail, "client_timeout")
+        else:
+            self._refuse(CLIENT_TIMEOUT, "client_timeout", detail, None, cycle.scope["headers"])
 
-    def _refuse(self, status: int, code: str, detail: str, reason: str | None) -> None:
+    def _refuse(self, status: int, code: str, detail: str, reason: str | None,
+                request_headers: Headers | None = None) -> None:
+        """Answer and close; with CORS headers where the request's headers were read."""
         if reason is not None and self.on_reject is not None:
             self.on_reject(reason)
-        self.transport.write(json_error_bytes(status, code, detail))
+        cors = self.cors_headers(request_headers) if request_headers is not None else []
+        self.transport.write(json_error_bytes(status, code, detail, cors))
         self.transport.close()
 
 
-async def _headers_too_large(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+async def _headers_too_large(limit: int, cors_headers: Callable[[Headers], Headers], scope: Scope, receive: Receive,
+                             send: Send) -> None:
     detail = f"the request line and headers exceed {limit} bytes"
-    await _send_json(send, 431, "headers_too_large", detail, close=True)
+    await _send_json(send, 431, "headers_too_large", detail, True, cors_headers(scope["headers"]))
 
 
-async def _over_connection_limit(scope: Scope, receive: Receive, send: Send) -> None:
-    await _send_json(send, 503, "too_many_connections", "the server has too many open connections; retry", True)
+async def _over_connection_limit(cors_headers: Callable[[Headers], Headers], scope: Scope, receive: Receive,
+                                 send: Send) -> None:
+    detail = "the server has too many open connections; retry"
+    await _send_json(send, 503, "too_many_connections", detail, True, cors_headers(scope["headers"]))
 
 
 def protocol_class(
@@ -398,6 +416,7 @@ def protocol_class(
     refusals_per_s: float,
     on_reject: Callable[[str], None] | None = None,
     answer_at_arrival: Callable[[Scope], EarlyResponse | None] | None = None,
+    cors_headers: Callable[[Headers], Headers] | None = None,
 ) -> type[GuardedHttpToolsProtocol]:
     """The protocol for uvicorn.Config(http=...), with these bounds; `on_reject(reason)` counts its refusals,
     `answer_at_arrival` answers requests the app refuses before any ASGI work, and those answers are sent by a
@@ -407,7 +426,8 @@ def protocol_class(
         "max_header_bytes": max_header_bytes,
         "refusal_gate": RefusalGate(refusals_per_s),
     }
-    for name, hook in (("on_reject", on_reject), ("answer_at_arrival", answer_at_arrival)):
+    for name, hook in (("on_reject", on_reject), ("answer_at_arrival", answer_at_arrival),
+                       ("cors_headers", cors_headers)):
         if hook is not None:
             attributes[name] = staticmethod(hook)
     return type("ServerHttpProtocol", (GuardedHttpToolsProtocol,), attributes)

@@ -305,3 +305,42 @@ def test_a_503_at_arrival_carries_the_cors_headers(server_factory: Callable[...,
     assert "x-request-id" in allowed.headers["access-control-expose-headers"].lower()
     assert allowed.headers["vary"] == "Origin"
     assert other.status_code == 503 and "access-control-allow-origin" not in other.headers
+
+
+def _reply(sock: socket.socket) -> dict[str, str]:
+    """Status line and headers of the one answer before the server closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    fields = (line.partition(":") for line in head[1:])
+    return {"status": head[0], **{name.strip().lower(): value.strip() for name, _, value in fields}}
+
+
+def test_the_protocols_own_answers_carry_the_cors_headers(server_factory: Callable[..., ServerProcess]) -> None:
+    """A slow body's 408, oversized headers' 431 and the 503 over the connection limit are written by the server's
+    protocol, outside every middleware; to a request whose headers were read they still carry CORSMiddleware's
+    headers, so a browser sees the status instead of a CORS failure."""
+    srv = server_factory({"cors_origins": "http://app.example", "warmup": False, "client_timeout_s": 1,
+                          "max_header_bytes": 2048, "max_connections": 3})
+    host, port = srv.url.removeprefix("http://").split(":")
+    origin = "Origin: http://app.example\r\n"
+
+    def connect() -> socket.socket:
+        return socket.create_connection((host, int(port)), timeout=30)
+
+    with connect() as sock:  # headers whole, the body never comes
+        sock.sendall(f"POST /detect HTTP/1.1\r\nHost: x\r\n{origin}Content-Type: image/jpeg\r\n"
+                     "Content-Length: 999\r\n\r\nabc".encode())
+        slow = _reply(sock)
+    with connect() as sock:  # in one piece, over the bound
+        sock.sendall(f"GET /v1/model HTTP/1.1\r\nHost: x\r\n{origin}X-Big: {'a' * 3000}\r\n\r\n".encode())
+        big = _reply(sock)
+    with connect(), connect(), connect() as third:  # at the bound of 3 connections
+        third.sendall(f"GET /v1/model HTTP/1.1\r\nHost: x\r\n{origin}\r\n".encode())
+        crowded = _reply(third)
+    for reply, status in ((slow, "408"), (big, "431"), (crowded, "503")):
+        assert reply["status"].split()[1] == status, reply
+        assert reply["access-control-allow-origin"] == "http://app.example", reply
+        assert reply["vary"] == "Origin" and reply["connection"] == "close"
+    assert httpx.get(f"{srv.url}/healthz").status_code == 200
