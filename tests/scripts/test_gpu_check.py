@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,8 +115,36 @@ def test_the_cpu_rehearsal_runs_every_step(tmp_path: Path) -> None:
         assert status == "PASS" and "agree with the reference" in detail
     engine = rows["engine ssd_mobilenet_v1_coco torch cpu fp32"]
     assert engine[0] == "PASS" and "rows match ORT CPU" in engine[1] and "b64" in engine[1]
+    decoder = rows["engine ssd_mobilenet_v1_coco torch cpu fp32 + batched GPU decoder on the CPU"]
+    assert decoder[0] == "PASS" and "pixels vs CPU decode" in decoder[1]
     for load in ("", ", /detect/batch x8"):
         status, detail = rows[f"e2e torch cpu fp32{load} (ssd_mobilenet_v1_coco)"]
         assert status == "PASS" and " 0 errors" in detail and "img/s" in detail and "event loop" in detail
     assert rows["tests -m gpu"][0] == "PASS" and "skipped" in rows["tests -m gpu"][1]
     assert "gpu-check summary" in done.stdout
+
+
+def test_the_perturbed_agreement_needs_every_sure_detection_and_nearly_all_others() -> None:
+    """fp16 and GPU-decoded rows: all reference detections from 0.5 up found, and 98% of those from 0.35 up."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from gpu_check_engines import agree_fp16
+    finally:
+        sys.path.pop(0)
+    from server.engines.base import EngineOutput
+
+    def output(scores: list[float]) -> EngineOutput:
+        k = len(scores)
+        boxes = np.array([[i / 200, i / 200, i / 200 + 0.1, i / 200 + 0.1] for i in range(k)], dtype=np.float32)
+        return EngineOutput(np.array([k], np.int32), boxes[None], np.array([scores], np.float32),
+                            np.ones((1, k), np.int32))
+
+    reference = [0.9] * 10 + [0.4] * 90
+    assert agree_fp16(output(reference), output(reference))[0]
+    one_middling_lost = [0.9] * 10 + [0.4] * 89 + [0.2]
+    assert agree_fp16(output(one_middling_lost), output(reference))[0]
+    one_sure_lost = [0.9] * 9 + [0.2] + [0.4] * 90
+    assert not agree_fp16(output(one_sure_lost), output(reference))[0]
+    three_middling_lost = [0.9] * 10 + [0.4] * 87 + [0.2] * 3
+    ok, detail = agree_fp16(output(three_middling_lost), output(reference))
+    assert not ok and "97/100 detections > 0.35 found" in detail
