@@ -2,9 +2,9 @@
 
 Reports images/s (all clients together), p50 and p99 (the median of the clients' p50s, the worst of their p99s),
 mean batch size, GPU utilisation (nvidia-smi sampled every 200 ms during the measured run) and the server process's
-CPU use (cores, from /proc; its event loop's from ssd_event_loop_cpu_seconds_total), so the table says what limited the run: the GPU, the
-server's one event loop (near 1.0 core), or the clients. `/detect/batch` loads send several images per request, so
-the HTTP cost per image is shared.
+CPU use (cores, from /proc; its event loop's from ssd_event_loop_cpu_seconds_total), so the table says what limited
+the run: the GPU, the server's one event loop (near 1.0 core), or the clients. `/detect/batch` loads send several
+images per request: they show how much of the loop's cost is per request rather than per image.
 """
 
 from __future__ import annotations
