@@ -43,6 +43,7 @@ import numpy as np
 import uvloop
 
 from benchmarks.httpclient import Connection, HttpError, Target
+from server.metrics import cpu_seconds
 from server.settings import REFUSALS_PER_S_PER_CORE
 from server.testing import REPO_ROOT, ServerProcess, start_server
 
@@ -396,8 +397,7 @@ def bad_inputs(count: int, bodies: list[bytes]) -> list[Row]:
 
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of process `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(Path(f"/proc/{pid}/stat"))
 
 
 def refusal_cost(duration_s: float, bodies: list[bytes]) -> list[Row]:

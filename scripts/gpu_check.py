@@ -29,7 +29,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import re
 import site
 import subprocess
 import sys
@@ -72,20 +71,23 @@ def requirements() -> list[str]:
     return list(dict.fromkeys(spec for spec in wanted if _name(spec) not in HOST_ONLY))
 
 
-def _name(spec: str) -> str:
-    return re.split(r"[\[<>=!~; ]", spec, maxsplit=1)[0].lower().replace("_", "-")
-
-
-def unmet(specs: list[str]) -> list[str]:
-    """The requirements this interpreter does not satisfy (missing, or a version outside the range)."""
+def _requirement(spec: str):  # noqa: ANN202 - packaging.requirements.Requirement
     try:
         from packaging.requirements import Requirement
     except ImportError:  # a bare host: pip's own copy
         from pip._vendor.packaging.requirements import Requirement
+    return Requirement(spec)
 
+
+def _name(spec: str) -> str:
+    return _requirement(spec).name.lower().replace("_", "-")
+
+
+def unmet(specs: list[str]) -> list[str]:
+    """The requirements this interpreter does not satisfy (missing, or a version outside the range)."""
     missing = []
     for spec in specs:
-        requirement = Requirement(spec)
+        requirement = _requirement(spec)
         try:
             version = importlib.metadata.version(requirement.name)
         except importlib.metadata.PackageNotFoundError:

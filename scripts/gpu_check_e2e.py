@@ -25,11 +25,6 @@ SERVER_SETTINGS = {"max_batch_size": 64, "max_queue_delay_ms": 2, "max_queue_siz
                    "request_timeout_ms": 30000}
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _gpu_sampler() -> subprocess.Popen[str] | None:
     try:
         return subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
@@ -76,6 +71,8 @@ def run_e2e(model: Path, settings: dict[str, object], loads: list[Load], seconds
 
 def _measure(server, load: Load, model: Path, seconds: float, env: dict[str, str],  # noqa: ANN001
              out: Path) -> tuple[str, bool]:
+    from server.metrics import cpu_seconds
+
     jsons = [out / f"e2e-{model.stem}-{load.images_per_request}x-{i}.json" for i in range(load.processes)]
     command = [sys.executable, "-m", "benchmarks", "--url", server.url, *load.arguments(), "--duration", str(seconds),
                "--warmup", "3"]
@@ -83,11 +80,12 @@ def _measure(server, load: Load, model: Path, seconds: float, env: dict[str, str
     benches = [subprocess.Popen([*command, "--json", str(path)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True) for path in jsons]
     time.sleep(max(0.0, sampler_start - time.monotonic()))
-    cpu_before, wall_before = _cpu_seconds(server.pid), time.monotonic()
+    stat = Path(f"/proc/{server.pid}/stat")
+    cpu_before, wall_before = cpu_seconds(stat), time.monotonic()
     sampler = _gpu_sampler()
     time.sleep(seconds)
     utilisation = _gpu_utilisation(sampler)
-    server_cores = (_cpu_seconds(server.pid) - cpu_before) / (time.monotonic() - wall_before)
+    server_cores = (cpu_seconds(stat) - cpu_before) / (time.monotonic() - wall_before)
     errors = []
     for bench in benches:
         _, stderr = bench.communicate(timeout=seconds + 60)

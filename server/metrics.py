@@ -47,6 +47,13 @@ class ThroughputWindow:
             self._events.popleft()
 
 
+def cpu_seconds(stat: Path) -> float:
+    """User + system CPU seconds in a /proc stat file: a process's (/proc/<pid>/stat) or one thread's
+    (/proc/<pid>/task/<tid>/stat)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
+
+
 class EventLoopCpu:
     """ssd_event_loop_cpu_seconds_total: CPU time of the thread that runs the server's event loop (HTTP parsing,
     routing, JSON), read from /proc at each scrape. Its rate near 1.0 means the loop is saturated: this process
@@ -70,10 +77,9 @@ class EventLoopCpu:
         if self._stat is None:
             return
         try:
-            fields = self._stat.read_text().rsplit(")", 1)[1].split()
+            seconds = cpu_seconds(self._stat)
         except OSError:
             return
-        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
         yield CounterMetricFamily(self.NAME, self.HELP, value=seconds)
 
 

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.metrics import cpu_seconds
 from server.testing import REPO_ROOT, ServerProcess
 
 DATA = REPO_ROOT.parent / "shared" / "data"
@@ -334,14 +335,11 @@ def test_the_event_loops_cpu_is_its_threads_alone(server: ServerProcess, client:
     """ssd_event_loop_cpu_seconds_total counts the event loop's thread: it grows with requests, and stays below the
     process's CPU (decode and engine threads do the rest)."""
 
-    def process_cpu_s() -> float:
-        fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    before, process_before = metric_samples(client), process_cpu_s()
+    stat = Path(f"/proc/{server.process.pid}/stat")
+    before, process_before = metric_samples(client), cpu_seconds(stat)
     for _ in range(40):
         assert detect(client, JPEG).status_code == 200
-    after, process_after = metric_samples(client), process_cpu_s()
+    after, process_after = metric_samples(client), cpu_seconds(stat)
     loop_s = value(after, "ssd_event_loop_cpu_seconds_total") - value(before, "ssd_event_loop_cpu_seconds_total")
     assert 0 < loop_s < process_after - process_before
 
